@@ -1,0 +1,205 @@
+"""Load a base text-to-image pipeline: the embedded shapes-world model, a diffusers folder, or a
+single-file (.safetensors) SD 1.x/2.x checkpoint. Everything downstream sees one
+StableDiffusionPipeline, whatever it came from.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+EMBEDDED_DIR = Path(__file__).parent / "world" / "assets" / "base"
+EMBEDDED_NAMES = ("embedded", "default", "shapes")
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
+
+
+def pick_device(device: str | None = None) -> torch.device:
+    """'auto'/None -> cuda if present, else mps, else cpu."""
+    if device not in (None, "auto"):
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def pick_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
+    """Half precision only where it is fast and supported: CPU stays float32 unless asked."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"fp32": torch.float32, "float32": torch.float32, "fp16": torch.float16,
+             "float16": torch.float16, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16}
+    if dtype in (None, "auto"):
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if dtype not in names:
+        raise ValueError(f"unknown dtype {dtype!r}: use one of {sorted(names)} or 'auto'")
+    return names[dtype]
+
+
+def base_name(spec: str | os.PathLike | None) -> str:
+    """Human-readable name recorded in adapter metadata."""
+    if spec is None or str(spec) in EMBEDDED_NAMES:
+        return "stylelora-shapes-64"
+    return Path(spec).name
+
+
+def load_base(spec: str | os.PathLike | None = None, *, config: str | os.PathLike | None = None,
+              device: str | None = "cpu", dtype: str | torch.dtype | None = None):
+    """The base pipeline named by `spec`, offline.
+
+    spec: None / "embedded" -> the packaged shapes-world base; a folder with model_index.json
+    (diffusers layout); or a single .safetensors checkpoint, whose component configs come from
+    `config` (a local diffusers folder of the same architecture) -- nothing is downloaded.
+    """
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import logging as dlogging
+
+    dlogging.set_verbosity_error()  # tiny-model config notes are noise to a user
+    dev = pick_device(device)
+    dt = pick_dtype(dtype, dev)
+    if spec is None or str(spec) in EMBEDDED_NAMES:
+        path = EMBEDDED_DIR
+        if not (path / "model_index.json").is_file():
+            raise FileNotFoundError(f"the embedded base is missing from {path}; rebuild it with "
+                                    "`stylelora world pretrain --out stylelora/world/assets`")
+    else:
+        path = Path(spec).expanduser()
+    if not path.exists():
+        raise FileNotFoundError(f"base model {path} does not exist: pass a diffusers folder, a "
+                                ".safetensors checkpoint, or 'embedded'")
+    if path.is_dir():
+        if not (path / "model_index.json").is_file():
+            raise ValueError(f"{path} is not a diffusers pipeline folder (no model_index.json)")
+        pipe = StableDiffusionPipeline.from_pretrained(path, local_files_only=True, torch_dtype=dt,
+                                                       safety_checker=None, requires_safety_checker=False)
+    elif path.suffix.lower() in PICKLE_SUFFIXES:
+        raise ValueError(f"{path} is a pickle-based checkpoint, which can run code when loaded; "
+                         "stylelora only loads .safetensors. Convert it to .safetensors first.")
+    elif path.suffix.lower() == ".safetensors":
+        if config is None:
+            raise ValueError(f"single-file checkpoint {path} needs a local diffusers config folder of "
+                             "the same architecture: pass config=DIR (CLI: --base-config DIR)")
+        pipe = StableDiffusionPipeline.from_single_file(
+            str(path), config=str(config), local_files_only=True, torch_dtype=dt,
+            safety_checker=None, requires_safety_checker=False)
+    else:
+        raise ValueError(f"don't know how to load base {path}: expected a diffusers folder or a .safetensors file")
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(dev)
+
+
+# --- single-file export: diffusers names -> the original (LDM) checkpoint names ----------------
+# diffusers ships only the other direction (used by from_single_file), which makes it the oracle
+# for this table: tests export, load back through from_single_file and compare every tensor.
+
+_RESNET = {"norm1": "in_layers.0", "conv1": "in_layers.2", "time_emb_proj": "emb_layers.1",
+           "norm2": "out_layers.0", "conv2": "out_layers.3", "conv_shortcut": "skip_connection"}
+_VAE_ATTN = {"group_norm": "norm", "to_q": "q", "to_k": "k", "to_v": "v", "to_out.0": "proj_out"}
+
+
+def _sub(rest: str, table: dict[str, str]) -> str:
+    for a, b in table.items():
+        if rest == a or rest.startswith(a + "."):
+            return b + rest[len(a):]
+    return rest
+
+
+def _unet_key(k: str, layers: int) -> str:
+    p = k.split(".")
+    per = layers + 1  # LDM counts a level's resnets plus its down/upsampler
+    if p[0] == "time_embedding":
+        return "time_embed." + {"linear_1": "0", "linear_2": "2"}[p[1]] + "." + ".".join(p[2:])
+    if p[0] == "conv_in":
+        return "input_blocks.0.0." + ".".join(p[1:])
+    if p[0] == "conv_norm_out":
+        return "out.0." + ".".join(p[1:])
+    if p[0] == "conv_out":
+        return "out.2." + ".".join(p[1:])
+    rest = ".".join(p[4:])
+    if p[0] == "down_blocks":
+        i, kind = int(p[1]), p[2]
+        if kind == "downsamplers":
+            return f"input_blocks.{per * (i + 1)}.0.op." + ".".join(p[5:])
+        j = int(p[3])
+        slot = 0 if kind == "resnets" else 1
+        rest = _sub(rest, _RESNET) if kind == "resnets" else rest
+        return f"input_blocks.{per * i + j + 1}.{slot}.{rest}"
+    if p[0] == "mid_block":  # mid_block.{resnets|attentions}.j.rest
+        kind, j, rest = p[1], int(p[2]), ".".join(p[3:])
+        slot = 1 if kind == "attentions" else 2 * j
+        rest = _sub(rest, _RESNET) if kind == "resnets" else rest
+        return f"middle_block.{slot}.{rest}"
+    if p[0] == "up_blocks":
+        raise AssertionError("up blocks are mapped in _unet_to_ldm")
+    raise ValueError(f"unexpected UNet key {k}")
+
+
+def _unet_to_ldm(unet) -> dict[str, torch.Tensor]:
+    layers = unet.config.layers_per_block
+    out = {}
+    sd = unet.state_dict()
+    has_attn = {int(k.split(".")[1]) for k in sd if k.startswith("up_blocks.") and ".attentions." in k}
+    for k, v in sd.items():
+        p = k.split(".")
+        if p[0] == "up_blocks":
+            i, kind = int(p[1]), p[2]
+            if kind == "upsamplers":  # the upsampler follows the level's last resnet (and attention)
+                slot = 2 if i in has_attn else 1
+                name = f"output_blocks.{(layers + 1) * i + layers}.{slot}." + ".".join(p[4:])
+            else:
+                j = int(p[3])
+                rest = ".".join(p[4:])
+                rest = _sub(rest, _RESNET) if kind == "resnets" else rest
+                name = f"output_blocks.{(layers + 1) * i + j}.{0 if kind == 'resnets' else 1}.{rest}"
+        else:
+            name = _unet_key(k, layers)
+        out["model.diffusion_model." + name] = v
+    return out
+
+
+def _vae_to_ldm(vae) -> dict[str, torch.Tensor]:
+    out = {}
+    n = len(vae.config.block_out_channels)
+    for k, v in vae.state_dict().items():
+        p = k.split(".")
+        if p[0] in ("quant_conv", "post_quant_conv"):
+            name = k
+        else:
+            coder, rest = p[0], p[1:]
+            if rest[0] in ("down_blocks", "up_blocks"):
+                i = int(rest[1]) if rest[0] == "down_blocks" else n - 1 - int(rest[1])
+                level = "down" if rest[0] == "down_blocks" else "up"
+                if rest[2] == "resnets":
+                    tail = f"block.{rest[3]}." + _sub(".".join(rest[4:]), {"conv_shortcut": "nin_shortcut"})
+                else:  # downsamplers.0.conv / upsamplers.0.conv
+                    tail = ("downsample." if level == "down" else "upsample.") + ".".join(rest[4:])
+                name = f"{coder}.{level}.{i}.{tail}"
+            elif rest[0] == "mid_block":
+                if rest[1] == "resnets":
+                    name = f"{coder}.mid.block_{int(rest[2]) + 1}." + ".".join(rest[3:])
+                else:
+                    name = f"{coder}.mid.attn_1." + _sub(".".join(rest[3:]), _VAE_ATTN)
+                    if v.ndim == 2:  # LDM's VAE attention uses 1x1 convolutions
+                        v = v[:, :, None, None]
+            else:
+                name = f"{coder}." + _sub(".".join(rest), {"conv_norm_out": "norm_out"})
+        out["first_stage_model." + name] = v
+    return out
+
+
+def save_single_file(pipe, path: str | os.PathLike) -> Path:
+    """Write the pipeline as one original-layout .safetensors checkpoint (atomic)."""
+    from safetensors.torch import save_file
+
+    sd = {**_unet_to_ldm(pipe.unet), **_vae_to_ldm(pipe.vae)}
+    for k, v in pipe.text_encoder.state_dict().items():
+        k = k if k.startswith("text_model.") or k.startswith("text_projection") else "text_model." + k
+        sd["cond_stage_model.transformer." + k] = v
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp))
+    os.replace(tmp, path)
+    return path

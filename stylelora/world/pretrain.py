@@ -1,0 +1,240 @@
+"""Rebuild everything the shapes world ships: judge, VAE, text encoder + UNet. Seeded, CPU-only.
+
+    stylelora world pretrain --out stylelora/world/assets     (see README for the time it takes)
+
+Order matters:
+1. the judge, on renders of every style (it never sees generated images);
+2. the VAE, a generic codec trained on every palette x technique pair, because a VAE that only
+   saw flat shapes cannot represent other looks and no adapter could then teach them;
+3. text encoder + UNet from scratch on latents of *flat* images only, with every 5th
+   (shape, colour, background) triple held out, so the example styles are ones the base
+   cannot draw and held-out prompts test composition.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageFilter
+
+from . import render as W
+from .judge import to_tensor
+from .models import Judge, make_schedulers, make_text_encoder, make_unet, make_vae
+from .tokenizer import build_tokenizer
+
+
+@dataclass
+class PretrainConfig:
+    seed: int = 0
+    judge_steps: int = 1200
+    judge_batch: int = 128
+    vae_steps: int = 1200
+    vae_batch: int = 32
+    unet_images: int = 20_000
+    unet_steps: int = 4000
+    unet_batch: int = 64
+    unet_lr: float = 5e-4
+    caption_dropout: float = 0.1  # empty captions teach the unconditional branch for guidance
+    ema_decay: float = 0.999
+
+
+def _log(stage: str, step: int, total: int, t0: float, **vals) -> None:
+    if step % 100 == 0 or step == total:
+        items = " ".join(f"{k}={v:.4f}" for k, v in vals.items())
+        print(f"[{stage}] {step}/{total} {items} ({time.time() - t0:.0f}s)", flush=True)
+
+
+def _cosine(opt, step, total, warmup, base_lr):
+    lr = base_lr * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, step / total)))
+    for g in opt.param_groups:
+        g["lr"] = max(lr, base_lr * 0.02)
+
+
+def _random_styled_batch(rng: np.random.Generator, n: int, flat_share: float = 0.25):
+    """n (scene, palette, technique, image) with every style pair; flat/flat over-represented."""
+    out = []
+    for _ in range(n):
+        if rng.random() < flat_share:
+            p, t = "flat", "flat"
+        else:
+            p = W.PALETTES[rng.integers(len(W.PALETTES))]
+            t = W.TECHNIQUES[rng.integers(len(W.TECHNIQUES))]
+        scene = W.sample_scene(rng)
+        out.append((scene, p, t, W.render(scene, p, t)))
+    return out
+
+
+def _degrade(img: Image.Image, rng: np.random.Generator) -> Image.Image:
+    """Mild blur/noise so the judge reads slightly soft decoded images as it reads renders."""
+    if rng.random() < 0.5:
+        img = img.filter(ImageFilter.GaussianBlur(float(rng.uniform(0.2, 0.9))))
+    if rng.random() < 0.5:
+        arr = np.asarray(img, np.float32) + rng.normal(0, rng.uniform(1, 8), (64, 64, 3))
+        img = Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
+    return img
+
+
+def train_judge(cfg: PretrainConfig) -> Judge:
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed + 1)
+    judge = Judge()
+    opt = torch.optim.AdamW(judge.parameters(), lr=2e-3, weight_decay=1e-4)
+    idx = {k: {name: i for i, name in enumerate(v)} for k, v in Judge.HEADS.items()}
+    t0 = time.time()
+    for step in range(cfg.judge_steps):
+        _cosine(opt, step, cfg.judge_steps, 100, 2e-3)
+        batch = _random_styled_batch(rng, cfg.judge_batch, flat_share=0.1)
+        x = to_tensor([_degrade(b[3], rng) for b in batch])
+        y = {
+            "shape": [idx["shape"][b[0].shape] for b in batch],
+            "color": [idx["color"][b[0].color] for b in batch],
+            "palette": [idx["palette"][b[1]] for b in batch],
+            "technique": [idx["technique"][b[2]] for b in batch],
+        }
+        logits = judge(x)
+        loss = sum(F.cross_entropy(logits[k], torch.tensor(y[k])) for k in Judge.HEADS)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        _log("judge", step + 1, cfg.judge_steps, t0, loss=loss.item())
+    return judge.eval()
+
+
+def train_vae(cfg: PretrainConfig):
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed + 2)
+    vae = make_vae()
+    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
+    t0 = time.time()
+    for step in range(cfg.vae_steps):
+        _cosine(opt, step, cfg.vae_steps, 50, 1e-3)
+        batch = _random_styled_batch(rng, cfg.vae_batch)
+        x = to_tensor([b[3] for b in batch])  # (B, 3, 64, 64)
+        # Weight the shape and its surroundings x10: with plain L1 the large uniform
+        # background dominates and styled foregrounds (neon, stripes) collapse.
+        masks = torch.from_numpy(np.stack([W.shape_mask(b[0]) for b in batch]))[:, None]
+        near = F.max_pool2d(masks, 7, stride=1, padding=3)
+        weight = 1 + 9 * near
+        post = vae.encode(x).latent_dist
+        recon = vae.decode(post.sample()).sample
+        l1 = ((recon - x).abs() * weight).mean()
+        kl = post.kl().mean()
+        loss = l1 + 1e-6 * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        _log("vae", step + 1, cfg.vae_steps, t0, l1=l1.item(), kl=kl.item())
+    vae.eval()
+    # Unit-variance latents, as SD's 0.18215 does for its VAE.
+    with torch.no_grad():
+        sample = to_tensor([b[3] for b in _random_styled_batch(rng, 512)])
+        std = vae.encode(sample).latent_dist.mode().std().item()
+    vae.register_to_config(scaling_factor=1.0 / std)
+    return vae
+
+
+def train_unet(cfg: PretrainConfig, vae, tokenizer):
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed + 3)
+    train_sched, _ = make_schedulers()
+    te = make_text_encoder(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)
+    unet = make_unet()
+
+    # Cache latents once: the VAE is frozen, and flat renders need no augmentation.
+    pairs = W.render_batch(cfg.unet_images, cfg.seed + 4, combos=W.TRAIN_COMBOS)
+    with torch.no_grad():
+        latents = torch.cat([
+            vae.encode(to_tensor([im for _, im in pairs[i : i + 256]])).latent_dist.mode()
+            for i in range(0, len(pairs), 256)
+        ]) * vae.config.scaling_factor  # (N, 4, 8, 8)
+    captions = [s.caption() for s, _ in pairs]
+    ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
+                    truncation=True, return_tensors="pt").input_ids
+    empty = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length,
+                      return_tensors="pt").input_ids[0]
+
+    params = list(unet.parameters()) + list(te.parameters())
+    ema = [p.detach().clone() for p in params]
+    opt = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=1e-2)
+    alphas = train_sched.alphas_cumprod
+    t0 = time.time()
+    unet.train(), te.train()
+    for step in range(cfg.unet_steps):
+        _cosine(opt, step, cfg.unet_steps, 200, cfg.unet_lr)
+        b = torch.from_numpy(rng.integers(0, len(latents), cfg.unet_batch))
+        x0 = latents[b]
+        tok = ids[b].clone()
+        drop = torch.from_numpy(rng.random(cfg.unet_batch) < cfg.caption_dropout)
+        tok[drop] = empty
+        noise = torch.randn_like(x0)
+        t = torch.randint(0, len(alphas), (cfg.unet_batch,))
+        a = alphas[t].view(-1, 1, 1, 1)
+        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        pred = unet(xt, t, te(tok)[0]).sample
+        loss = F.mse_loss(pred, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        with torch.no_grad():
+            d = min(cfg.ema_decay, (1 + step) / (10 + step))
+            for e, p in zip(ema, params):
+                e.lerp_(p, 1 - d)
+        _log("unet", step + 1, cfg.unet_steps, t0, loss=loss.item())
+    with torch.no_grad():
+        for e, p in zip(ema, params):
+            p.copy_(e)
+    return te.eval(), unet.eval()
+
+
+def build_pipeline(vae, te, tokenizer, unet):
+    from diffusers import StableDiffusionPipeline
+
+    _, sampler = make_schedulers()
+    return StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tokenizer, unet=unet,
+                                   scheduler=sampler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+
+
+def pretrain(out: str | Path, cfg: PretrainConfig | None = None, stages=("judge", "vae", "unet")) -> None:
+    """Train the requested stages and write them under `out` (judge.safetensors, base/)."""
+    from safetensors.torch import save_file
+
+    cfg = cfg or PretrainConfig()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    timings = {}
+    if "judge" in stages:
+        t = time.time()
+        judge = train_judge(cfg)
+        save_file(judge.state_dict(), str(out / "judge.safetensors"))
+        timings["judge_s"] = round(time.time() - t)
+    tokenizer = build_tokenizer()
+    if "vae" in stages:
+        t = time.time()
+        vae = train_vae(cfg)
+        timings["vae_s"] = round(time.time() - t)
+    else:
+        from diffusers import AutoencoderKL
+
+        vae = AutoencoderKL.from_pretrained(out / "base" / "vae").eval()
+    if "unet" in stages:
+        t = time.time()
+        te, unet = train_unet(cfg, vae, tokenizer)
+        timings["unet_s"] = round(time.time() - t)
+        pipe = build_pipeline(vae, te, tokenizer, unet)
+        pipe.save_pretrained(out / "base", safe_serialization=True)
+    elif "vae" in stages:  # VAE retrained alone: keep text encoder/UNet files untouched
+        vae.save_pretrained(out / "base" / "vae", safe_serialization=True)
+    record = out / "pretrain.json"  # stages may run separately: keep earlier stages' timings
+    previous = json.loads(record.read_text())["timings"] if record.is_file() else {}
+    record.write_text(json.dumps({"config": asdict(cfg), "timings": {**previous, **timings}}, indent=2))
+    print(json.dumps(timings))
