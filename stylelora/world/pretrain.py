@@ -36,6 +36,7 @@ class PretrainConfig:
     judge_steps: int = 1200
     judge_batch: int = 128
     vae_steps: int = 1200
+    vae_refine_steps: int = 1500  # second phase on textured techniques, which phase 1 leaves blurry
     vae_batch: int = 32
     unet_images: int = 20_000
     unet_steps: int = 4000
@@ -57,7 +58,7 @@ def _cosine(opt, step, total, warmup, base_lr):
         g["lr"] = max(lr, base_lr * 0.02)
 
 
-def _random_styled_batch(rng: np.random.Generator, n: int, flat_share: float = 0.25):
+def _random_styled_batch(rng: np.random.Generator, n: int, flat_share: float = 0.25, techniques=W.TECHNIQUES):
     """n (scene, palette, technique, image) with every style pair; flat/flat over-represented."""
     out = []
     for _ in range(n):
@@ -65,7 +66,7 @@ def _random_styled_batch(rng: np.random.Generator, n: int, flat_share: float = 0
             p, t = "flat", "flat"
         else:
             p = W.PALETTES[rng.integers(len(W.PALETTES))]
-            t = W.TECHNIQUES[rng.integers(len(W.TECHNIQUES))]
+            t = techniques[rng.integers(len(techniques))]
         scene = W.sample_scene(rng)
         out.append((scene, p, t, W.render(scene, p, t)))
     return out
@@ -107,15 +108,13 @@ def train_judge(cfg: PretrainConfig) -> Judge:
     return judge.eval()
 
 
-def train_vae(cfg: PretrainConfig):
-    torch.manual_seed(cfg.seed)
-    rng = np.random.default_rng(cfg.seed + 2)
-    vae = make_vae()
-    opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
+def _vae_phase(vae, cfg: PretrainConfig, steps: int, lr: float, rng, stage: str, **batch_kw) -> None:
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     t0 = time.time()
-    for step in range(cfg.vae_steps):
-        _cosine(opt, step, cfg.vae_steps, 50, 1e-3)
-        batch = _random_styled_batch(rng, cfg.vae_batch)
+    vae.train()
+    for step in range(steps):
+        _cosine(opt, step, steps, 50, lr)
+        batch = _random_styled_batch(rng, cfg.vae_batch, **batch_kw)
         x = to_tensor([b[3] for b in batch])  # (B, 3, 64, 64)
         # Weight the shape and its surroundings x10: with plain L1 the large uniform
         # background dominates and styled foregrounds (neon, stripes) collapse.
@@ -130,13 +129,32 @@ def train_vae(cfg: PretrainConfig):
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        _log("vae", step + 1, cfg.vae_steps, t0, l1=l1.item(), kl=kl.item())
+        _log(stage, step + 1, steps, t0, l1=l1.item(), kl=kl.item())
     vae.eval()
-    # Unit-variance latents, as SD's 0.18215 does for its VAE.
+
+
+def _set_latent_scale(vae, rng) -> None:
+    """Unit-variance latents, as SD's 0.18215 does for its VAE."""
     with torch.no_grad():
         sample = to_tensor([b[3] for b in _random_styled_batch(rng, 512)])
         std = vae.encode(sample).latent_dist.mode().std().item()
     vae.register_to_config(scaling_factor=1.0 / std)
+
+
+def train_vae(cfg: PretrainConfig, vae=None, phases=(1, 2)):
+    """Phase 1: every style pair. Phase 2: lower LR, textured techniques (stripes, dots, pixel)
+    over-sampled, because phase 1 reconstructs them as blobs and an adapter can only teach
+    what the codec can represent."""
+    torch.manual_seed(cfg.seed)
+    vae = vae or make_vae()
+    if 1 in phases:
+        _vae_phase(vae, cfg, cfg.vae_steps, 1e-3, np.random.default_rng(cfg.seed + 2), "vae")
+    if 2 in phases:
+        torch.manual_seed(cfg.seed + 5)
+        _vae_phase(vae, cfg, cfg.vae_refine_steps, 5e-4, np.random.default_rng(cfg.seed + 5), "vae-refine",
+                   flat_share=0.15, techniques=("flat", "outline", "stripes", "stripes", "dots", "dots",
+                                                "pixel", "pixel"))
+    _set_latent_scale(vae, np.random.default_rng(cfg.seed + 6))
     return vae
 
 
@@ -222,6 +240,12 @@ def pretrain(out: str | Path, cfg: PretrainConfig | None = None, stages=("judge"
         t = time.time()
         vae = train_vae(cfg)
         timings["vae_s"] = round(time.time() - t)
+    elif "vae-refine" in stages:  # phase 2 alone, on a saved phase-1 VAE (same result as "vae")
+        from diffusers import AutoencoderKL
+
+        t = time.time()
+        vae = train_vae(cfg, AutoencoderKL.from_pretrained(out / "base" / "vae"), phases=(2,))
+        timings["vae_refine_s"] = round(time.time() - t)
     else:
         from diffusers import AutoencoderKL
 
@@ -232,7 +256,7 @@ def pretrain(out: str | Path, cfg: PretrainConfig | None = None, stages=("judge"
         timings["unet_s"] = round(time.time() - t)
         pipe = build_pipeline(vae, te, tokenizer, unet)
         pipe.save_pretrained(out / "base", safe_serialization=True)
-    elif "vae" in stages:  # VAE retrained alone: keep text encoder/UNet files untouched
+    elif "vae" in stages or "vae-refine" in stages:  # VAE retrained alone: keep text encoder/UNet files untouched
         vae.save_pretrained(out / "base" / "vae", safe_serialization=True)
     record = out / "pretrain.json"  # stages may run separately: keep earlier stages' timings
     previous = json.loads(record.read_text())["timings"] if record.is_file() else {}

@@ -1,0 +1,510 @@
+"""LoRA adapter files: stylelora's .safetensors format, and import/export of the other layouts.
+
+On disk an adapter is a plain diffusers/PEFT LoRA file that `pipe.load_lora_weights(path)` reads
+as is: `unet.<module>.lora_A.weight` (rank, in) / `.lora_B.weight` (out, rank), and CLIP under its
+classic `text_encoder.text_model.<module>` path, which every loader accepts (diffusers 0.42 and
+transformers >= 5.6 strip `text_model.`, older ones need it). alpha travels as diffusers' own
+save_lora_weights writes it -- LoraConfig kwargs per component ("unet.r", "unet.lora_alpha",
+"unet.alpha_pattern", ...) in the `lora_adapter_metadata` header entry -- so a plain diffusers load
+gives every layer scaling == alpha / rank. Our own metadata sits beside it under `stylelora.*`.
+In memory, keys are "<component>.<module>" without `text_model.`: the installed transformers' and
+PEFT's module names, which (as suffixes) also match the older nested CLIP.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import hashlib
+import json
+import math
+import os
+import re
+import struct
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+
+FORMAT_VERSION = "1"
+PREFIX = "stylelora."
+COMPONENTS = ("unet", "text_encoder")
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
+# == diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY (a test pins it); spelled out so that
+# reading our own files never pays for importing diffusers.
+DIFFUSERS_META_KEY = "lora_adapter_metadata"
+JSON_KEYS = (DIFFUSERS_META_KEY,) + tuple(PREFIX + k for k in ("rank", "alpha", "targets", "trigger_words",
+                                                                 "training", "dataset"))
+KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
+# `unet.save_lora_adapter` writes keys without a component prefix; their roots say whose they are.
+_BARE_ROOTS = {"unet": ("down_blocks.", "mid_block.", "up_blocks.", "conv_in.", "conv_out.", "time_embedding."),
+               "text_encoder": ("text_model.", "encoder.")}
+_PEFT_KEY = re.compile(r"^(?P<module>.+)\.(?:lora_(?P<ab>[AB])\.weight|(?P<alpha>alpha))$")
+
+
+@dataclass
+class LoraLayer:
+    """One adapted layer: W' = W + up @ down * alpha / rank. Conv LoRA keeps its 4-D tensors."""
+
+    down: torch.Tensor  # A: (rank, in) or (rank, in, kh, kw)
+    up: torch.Tensor  # B: (out, rank) or (out, rank, 1, 1)
+    alpha: float
+
+    def __post_init__(self):
+        if self.down.ndim not in (2, 4) or self.up.ndim != self.down.ndim or self.up.shape[1] != self.down.shape[0]:
+            raise ValueError(f"LoRA down {tuple(self.down.shape)} and up {tuple(self.up.shape)} do not pair: "
+                             "need down (rank, in) and up (out, rank)")
+        self.alpha = float(self.alpha)
+
+    @property
+    def rank(self) -> int:
+        return self.down.shape[0]
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.rank
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """Shape of the base weight this layer adds to: (out, in) or (out, in, kh, kw)."""
+        return (self.up.shape[0],) + tuple(self.down.shape[1:])
+
+    def delta(self) -> torch.Tensor:
+        """The weight update, in float32 so merging and comparing do not lose low bits."""
+        return (self.up.flatten(1).float() @ self.down.flatten(1).float() * self.scale).reshape(self.shape)
+
+
+@dataclass
+class Adapter:
+    layers: dict[str, LoraLayer]  # "unet.<module>" / "text_encoder.<module>"
+    metadata: dict[str, str] = field(default_factory=dict)
+    path: Path | None = None
+    source_format: str = "stylelora"  # what the file was: "stylelora" | "diffusers" | "kohya"
+
+    @property
+    def rank(self) -> int:
+        return max((l.rank for l in self.layers.values()), default=0)
+
+    @property
+    def alpha(self) -> float:
+        """The most common alpha (what diffusers would put in LoraConfig.lora_alpha)."""
+        return _most_common([l.alpha for l in self.layers.values()], 0.0)
+
+    @property
+    def targets(self) -> list[str]:
+        return list(self.layers)
+
+    @property
+    def trigger_words(self) -> list[str]:
+        return _json_meta(self.metadata, PREFIX + "trigger_words", self.path) or []
+
+    @property
+    def components(self) -> set[str]:
+        return {k.split(".", 1)[0] for k in self.layers}
+
+    @property
+    def nbytes(self) -> int:
+        return sum(l.down.nbytes + l.up.nbytes for l in self.layers.values())
+
+    @property
+    def n_params(self) -> int:
+        return sum(l.down.numel() + l.up.numel() for l in self.layers.values())
+
+
+def stylelora_metadata(*, base_name: str | None = None, base_fingerprint: str | None = None,
+                       trigger_words: list[str] | None = None, training: Mapping[str, Any] | None = None,
+                       dataset: Mapping[str, Any] | None = None) -> dict[str, str]:
+    """Descriptive metadata as file-ready strings; save_adapter adds rank, alpha and targets."""
+    encoded = {"base_name": base_name, "base_fingerprint": base_fingerprint,
+               "trigger_words": None if trigger_words is None else json.dumps(list(trigger_words)),
+               "training": None if training is None else json.dumps(dict(training), sort_keys=True),
+               "dataset": None if dataset is None else json.dumps(dict(dataset), sort_keys=True)}
+    return {PREFIX + k: str(v) for k, v in encoded.items() if v is not None}
+
+
+# --- writing ----------------------------------------------------------------------------------
+
+def _most_common(values: list, default):
+    return collections.Counter(values).most_common(1)[0][0] if values else default
+
+
+def _split(key: str) -> tuple[str, str]:
+    comp, _, module = key.partition(".")
+    if comp not in COMPONENTS or not module:
+        raise ValueError(f"adapter layer key {key!r} must look like 'unet.<module>' or 'text_encoder.<module>'")
+    return comp, module
+
+
+def _file_key(key: str) -> str:
+    comp, module = _split(key)
+    return f"text_encoder.text_model.{module}" if comp == "text_encoder" else key
+
+
+def _lora_config(layers: dict[str, LoraLayer]) -> dict[str, Any]:
+    """Minimal LoraConfig kwargs for one component, shaped like diffusers' get_peft_kwargs. Minimal
+    on purpose: a field newer PEFTs add would be an unknown kwarg (TypeError) for older ones."""
+    r = _most_common([l.rank for l in layers.values()], 0)
+    alpha = _most_common([l.alpha for l in layers.values()], 0.0)
+    return {"r": r, "lora_alpha": alpha, "target_modules": sorted(layers),
+            "rank_pattern": {m: l.rank for m, l in layers.items() if l.rank != r},
+            "alpha_pattern": {m: l.alpha for m, l in layers.items() if l.alpha != alpha}}
+
+
+def _atomic_save(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: str | os.PathLike) -> Path:
+    """Temp file in the same folder, fsync, os.replace: readers see the old file or the new one."""
+    from safetensors.torch import save_file
+
+    if (path := Path(path)).suffix != ".safetensors":
+        raise ValueError(f"{path}: adapters are written as .safetensors; name the file <name>.safetensors")
+    if not tensors:
+        raise ValueError(f"refusing to write {path}: the adapter has no layers")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _tensor(t: torch.Tensor, key: str) -> torch.Tensor:
+    if not torch.isfinite(t).all():
+        raise ValueError(f"layer {key} has NaN/inf values (diverged training?); refusing to save it")
+    return t.detach().to("cpu").contiguous().clone()  # clone: safetensors refuses shared storage
+
+
+def _metadata(adapter: Adapter, keep=lambda key: True) -> dict[str, str]:
+    """The adapter's metadata (filtered by `keep`) with rank/alpha/targets recomputed from its layers."""
+    bad = [k for k, v in adapter.metadata.items() if not isinstance(v, str)]
+    if bad:
+        raise ValueError(f"adapter metadata values must be strings; JSON-encode {bad} (see stylelora_metadata)")
+    return {**{k: v for k, v in adapter.metadata.items() if keep(k)}, "format": "pt",
+            PREFIX + "format_version": FORMAT_VERSION, PREFIX + "rank": json.dumps(adapter.rank),
+            PREFIX + "alpha": json.dumps(adapter.alpha), PREFIX + "targets": json.dumps(adapter.targets)}
+
+
+def save_adapter(adapter: Adapter, path: str | os.PathLike) -> Path:
+    """Write `adapter` as a diffusers-loadable .safetensors file, atomically. Returns the path."""
+    metadata = _metadata(adapter)
+    tensors, per_comp = {}, collections.defaultdict(dict)
+    for key, layer in adapter.layers.items():
+        comp, module = _split(key)
+        per_comp[comp][module] = layer
+        tensors[_file_key(key) + ".lora_A.weight"] = _tensor(layer.down, key)
+        tensors[_file_key(key) + ".lora_B.weight"] = _tensor(layer.up, key)
+    lora_meta = {f"{comp}.{k}": v for comp, ls in per_comp.items() for k, v in _lora_config(ls).items()}
+    metadata[DIFFUSERS_META_KEY] = json.dumps(lora_meta, indent=2, sort_keys=True)
+    return _atomic_save(tensors, metadata, path)
+
+
+def export_kohya(adapter: Adapter, path: str | os.PathLike) -> Path:
+    """Write a kohya/A1111/ComfyUI file: lora_unet_* / lora_te_* with .lora_down/.lora_up/.alpha."""
+    from diffusers.utils import convert_state_dict_to_kohya
+
+    metadata = _metadata(adapter, keep=lambda key: key.startswith(PREFIX))
+    tensors = {}
+    for key, layer in adapter.layers.items():
+        # diffusers' converter names the module; we keep only the name, since it writes alpha = rank
+        # and SDXL's `lora_te1_` where SD 1.x/2.x files (and kohya's SD1 trainer) say `lora_te_`.
+        probe = convert_state_dict_to_kohya({_file_key(key) + ".lora_A.weight": layer.down})
+        name = next(iter(probe)).split(".")[0]
+        name = "lora_te_" + name.removeprefix("lora_te1_") if name.startswith("lora_te1_") else name
+        tensors[name + ".lora_down.weight"] = _tensor(layer.down, key)
+        tensors[name + ".lora_up.weight"] = _tensor(layer.up, key)
+        tensors[name + ".alpha"] = torch.tensor(layer.alpha, dtype=torch.float32)
+    metadata.update({"ss_network_module": "networks.lora",  # what A1111's UI lists
+                     "ss_network_dim": str(adapter.rank), "ss_network_alpha": str(adapter.alpha)})
+    return _atomic_save(tensors, metadata, path)
+
+
+# --- reading ----------------------------------------------------------------------------------
+
+def _read_checked(path: Path, max_header_bytes: int) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and header metadata. Pickles and bad headers are refused before safetensors runs."""
+    from safetensors import SafetensorError, safe_open
+
+    if not path.is_file():
+        raise FileNotFoundError(f"adapter file {path} does not exist" + (
+            " (it is a folder without pytorch_lora_weights.safetensors; pass the file)" if path.is_dir() else ""))
+    pickle_msg = (f"{path} is a pickle-based file; stylelora only loads .safetensors. Convert it with a "
+                  "tool you trust in a sandbox (torch.load(..., weights_only=True) then "
+                  "safetensors.torch.save_file), since loading a pickle can run arbitrary code")
+    if path.suffix.lower() in PICKLE_SUFFIXES:
+        raise ValueError(pickle_msg)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(9)
+    n = struct.unpack("<Q", head[:8])[0] if len(head) >= 8 else -1
+    # A header length may well start with byte 0x80, so only call it a pickle (0x80 + protocol
+    # 2..5) or a torch zip when it is not plausibly safetensors (length fits, JSON follows).
+    plausible = 0 <= n <= size - 8 and head[8:9] == b"{"
+    if not plausible and re.match(rb"PK\x03\x04|\x80[\x02-\x05]", head):
+        raise ValueError(pickle_msg)
+    if n < 0:
+        raise ValueError(f"{path} is truncated ({size} bytes, less than a safetensors header); re-export it")
+    if n > max_header_bytes:
+        raise ValueError(f"{path} declares a {n}-byte header, over max_header_bytes={max_header_bytes}: "
+                         "the file is corrupt, or pass a larger max_header_bytes if you trust it")
+    if n > size - 8:
+        raise ValueError(f"{path} is truncated: its header claims {n} bytes but only {size - 8} follow; "
+                         "re-download or re-export it")
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            metadata = dict(f.metadata() or {})
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"{path} is not a valid safetensors file ({e}); it may be truncated or corrupt: "
+                         "re-download or re-export it") from e
+    for key, t in tensors.items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise ValueError(f"{path}: tensor {key} contains NaN/inf values; the adapter is broken "
+                             "(diverged training?): re-export it from a good checkpoint")
+    return tensors, metadata
+
+
+def _json_meta(metadata: Mapping[str, str], key: str, path: Path | None) -> Any:
+    raw = metadata.get(key)
+    try:
+        return None if raw is None else json.loads(raw)
+    except (TypeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path or 'adapter'}: metadata {key!r} is not valid JSON ({e}); "
+                         "fix or delete that entry and save the file again") from e
+
+
+def _unknown(path: Path, keys: list[str]) -> ValueError:
+    return ValueError(f"{path}: {len(keys)} key(s) are not LoRA weights stylelora understands (diffusers/"
+                      f"PEFT, or kohya lora_down/lora_up/alpha), e.g. {', '.join(keys[:3])}. LoHa/LoKr/DoRA, "
+                      "SDXL (lora_te2_) and full checkpoints are not supported: export a plain SD 1.x/2.x LoRA")
+
+
+def _to_peft(comp: str, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Older diffusers spellings (.processor., to_q_lora, lora_linear_layer) -> PEFT lora_A/lora_B."""
+    if all(_PEFT_KEY.match(k) for k in sd):
+        return sd  # PEFT form already: our own files take this path and never import diffusers
+    from diffusers.utils import convert_state_dict_to_peft, convert_unet_state_dict_to_peft
+    from diffusers.utils.state_dict_utils import StateDictType
+
+    if comp == "unet":
+        return convert_state_dict_to_peft(convert_unet_state_dict_to_peft(sd), original_type=StateDictType.DIFFUSERS)
+    return convert_state_dict_to_peft(sd, original_type=StateDictType.DIFFUSERS_OLD)  # covers both old forms
+
+
+def _split_components(path: Path, tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    out: dict[str, dict[str, torch.Tensor]] = {c: {} for c in COMPONENTS}
+    unknown = []
+    for key, t in tensors.items():
+        comp, _, rest = key.partition(".")
+        if comp in COMPONENTS:
+            out[comp][rest] = t
+        elif bare := [c for c, roots in _BARE_ROOTS.items() if key.startswith(roots)]:
+            out[bare[0]][key] = t
+        else:
+            unknown.append(key)
+    if unknown:
+        raise _unknown(path, unknown)
+    return out
+
+
+def _layers(path: Path, comp: str, sd: dict[str, torch.Tensor],
+            alpha_of: Callable[[str, int, float | None], float]) -> dict[str, LoraLayer]:
+    """Layers of one component from its (any-vintage diffusers) keys; alpha_of(module, rank, .alpha)."""
+    pairs: dict[str, dict[str, torch.Tensor]] = collections.defaultdict(dict)
+    alphas, unknown = {}, []
+    for key, t in _to_peft(comp, sd).items():
+        if not (m := _PEFT_KEY.match(key)):
+            unknown.append(f"{comp}.{key}")
+            continue
+        module = m["module"].removeprefix("text_model.") if comp == "text_encoder" else m["module"]
+        if m["alpha"]:
+            alphas[module] = float(t.item())
+        else:
+            pairs[module][m["ab"]] = t
+    if unknown:
+        raise _unknown(path, unknown)
+    layers = {}
+    for module, ab in pairs.items():
+        if set(ab) != {"A", "B"}:
+            raise ValueError(f"{path}: {comp}.{module} has lora_{''.join(ab)} without its partner; "
+                             "the file is incomplete, re-export it")
+        try:
+            layers[f"{comp}.{module}"] = LoraLayer(ab["A"], ab["B"], alpha_of(module, ab["A"].shape[0],
+                                                                                alphas.get(module)))
+        except ValueError as e:
+            raise ValueError(f"{path}: layer {comp}.{module}: {e}") from e
+    return layers
+
+
+def _config_alpha(config: Mapping[str, Any], module: str, rank: int) -> float:
+    """alpha of one module as PEFT resolves it from LoraConfig kwargs (pattern keys match suffixes)."""
+    alpha, patterns = float(config.get("lora_alpha", rank)), config.get("alpha_pattern") or {}
+    if patterns:  # PEFT's own matcher; imported only when needed (peft pulls in transformers)
+        from peft.utils.other import get_pattern_key
+
+        alpha = float(patterns.get(get_pattern_key(list(patterns), module), alpha))
+    # rsLoRA scales by alpha / sqrt(r): store the alpha that gives that scale as alpha / r.
+    return alpha * math.sqrt(rank) if config.get("use_rslora") else alpha
+
+
+def _from_diffusers(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> dict[str, LoraLayer]:
+    lora_meta = _json_meta(metadata, DIFFUSERS_META_KEY, path) or {}
+    layers = {}
+    for comp, sd in _split_components(path, tensors).items():
+        config = {k.removeprefix(comp + "."): v for k, v in lora_meta.items() if k.startswith(comp + ".")}
+        # diffusers' precedence: the LoraConfig metadata, else `.alpha` keys, else alpha = rank.
+        layers |= _layers(path, comp, sd, lambda m, r, a, c=config: _config_alpha(c, m, r) if c else a or r)
+    return layers
+
+
+def _from_kohya(path: Path, tensors: dict[str, torch.Tensor]) -> dict[str, LoraLayer]:
+    """kohya names -> ours through diffusers' converter, one module at a time so that each .alpha
+    stays with its module. (0.42's own import keys .alpha under names matching no module, so mixed
+    alphas collapse there.) kohya semantics: a missing or zero alpha means alpha = rank."""
+    from diffusers.loaders import StableDiffusionLoraLoaderMixin
+
+    groups: dict[str, dict[str, torch.Tensor]] = collections.defaultdict(dict)
+    unknown = []
+    for key, t in tensors.items():
+        name, _, part = key.partition(".")
+        if name.startswith(KOHYA_PREFIXES) and part in ("lora_down.weight", "lora_up.weight", "alpha"):
+            groups[name][part] = t
+        else:
+            unknown.append(key)
+    if unknown:
+        raise _unknown(path, unknown)
+    layers = {}
+    for name, g in groups.items():
+        if "lora_down.weight" not in g or "lora_up.weight" not in g:
+            raise ValueError(f"{path}: {name} lacks lora_down or lora_up; the file is incomplete, re-export it")
+        converted, _ = StableDiffusionLoraLoaderMixin.lora_state_dict(
+            {f"{name}.lora_down.weight": g["lora_down.weight"], f"{name}.lora_up.weight": g["lora_up.weight"]})
+        comp = {k.split(".", 1)[0] for k in converted}.pop()
+        if comp not in COMPONENTS:  # e.g. SDXL's second text encoder
+            raise _unknown(path, [f"{name}.lora_down.weight"])
+        alpha = float(g["alpha"].item()) if "alpha" in g else 0.0
+        sd = {k.split(".", 1)[1]: v for k, v in converted.items()}
+        layers |= _layers(path, comp, sd, lambda m, r, a, kohya=alpha: kohya or float(r))
+    return layers
+
+
+def load_adapter(path: str | os.PathLike, *, max_header_bytes: int = 100_000_000) -> Adapter:
+    """Read a LoRA .safetensors: ours, diffusers/PEFT (any key vintage, or a save_lora_weights
+    folder), or kohya/A1111/Civitai. Refuses pickles, corrupt headers, NaN/inf and unknown keys."""
+    path = Path(path).expanduser()
+    if path.is_dir() and (path / "pytorch_lora_weights.safetensors").is_file():
+        path = path / "pytorch_lora_weights.safetensors"
+    tensors, metadata = _read_checked(path, max_header_bytes)
+    for key in JSON_KEYS:
+        _json_meta(metadata, key, path)  # fail here, naming the key, not later in `inspect`
+    version = metadata.get(PREFIX + "format_version")
+    if version not in (None, FORMAT_VERSION):
+        raise ValueError(f"{path} is stylelora adapter format {version!r}, this stylelora reads "
+                         f"{FORMAT_VERSION!r}: upgrade stylelora")
+    if not tensors:
+        raise ValueError(f"{path} holds no tensors; it is not a LoRA adapter")
+    if any(k.startswith(KOHYA_PREFIXES) for k in tensors):
+        layers, source = _from_kohya(path, tensors), "kohya"
+    else:
+        layers, source = _from_diffusers(path, tensors, metadata), "stylelora" if version else "diffusers"
+    order = _json_meta(metadata, PREFIX + "targets", path)
+    if isinstance(order, list) and sorted(order) == sorted(layers):  # safetensors sorts keys; undo that
+        layers = {k: layers[k] for k in order}
+    return Adapter(layers=layers, metadata=metadata, path=path, source_format=source)
+
+
+# --- pipelines --------------------------------------------------------------------------------
+
+def adapter_from_pipeline(pipe, adapter_name: str = "default", *,
+                          metadata: Mapping[str, str] | None = None) -> Adapter:
+    """Snapshot the PEFT LoRA `adapter_name` of pipe.unet / pipe.text_encoder (copied to CPU). alpha is
+    PEFT's per-layer lora_alpha (LoraConfig patterns resolved). Adds the base fingerprint unless given."""
+    from peft.tuners.lora import LoraLayer as PeftLoraLayer
+    from peft.utils import get_peft_model_state_dict
+
+    layers, seen = {}, set()
+    for comp in COMPONENTS:
+        model = getattr(pipe, comp, None)
+        configs = getattr(model, "peft_config", None) or {}
+        seen |= set(configs)
+        if adapter_name not in configs:
+            continue
+        sd = get_peft_model_state_dict(model, adapter_name=adapter_name)
+        for name, mod in model.named_modules():
+            if not isinstance(mod, PeftLoraLayer) or adapter_name not in mod.lora_A:
+                continue
+            if mod.use_dora.get(adapter_name) or mod.lora_bias.get(adapter_name):
+                raise ValueError(f"{comp}.{name}: DoRA / LoRA-bias adapters have no stylelora format; "
+                                 "train a plain LoRA (use_dora=False, lora_bias=False)")
+            r, alpha = mod.r[adapter_name], mod.lora_alpha[adapter_name]
+            alpha = alpha * math.sqrt(r) if mod.use_rslora.get(adapter_name) else alpha
+            down, up = (sd[f"{name}.lora_{ab}.weight"].detach().cpu().clone() for ab in "AB")
+            layers[f"{comp}.{name.removeprefix('text_model.')}"] = LoraLayer(down, up, alpha)
+    if not layers:
+        raise ValueError(f"the pipeline has no LoRA adapter named {adapter_name!r} "
+                         f"(adapters present: {sorted(seen) or 'none'})")
+    meta = dict(metadata or {})
+    meta.setdefault(PREFIX + "base_fingerprint", fingerprint(pipe))
+    return Adapter(layers=layers, metadata=meta)
+
+
+def resolve_module(pipe, key: str) -> torch.nn.Module | None:
+    """The base module an adapter key adapts (PEFT wrapper unwrapped), or None if the base lacks it."""
+    comp, module = _split(key)
+    model = getattr(pipe, comp, None)
+    for candidate in (module, "text_model." + module) if comp == "text_encoder" else (module,):
+        with contextlib.suppress(AttributeError):
+            mod = model.get_submodule(candidate)  # AttributeError also when the pipe lacks `comp`
+            return getattr(mod, "base_layer", mod)
+    return None
+
+
+def check_fits(adapter: Adapter, pipe) -> None:
+    """ValueError at the first layer whose module the base lacks or whose weight shape differs."""
+    base = adapter.metadata.get(PREFIX + "base_name", "unknown")
+    for key, layer in adapter.layers.items():
+        mod = resolve_module(pipe, key)
+        if not isinstance(getattr(mod, "weight", None), torch.Tensor):
+            raise ValueError(f"adapter layer {key} has no matching module in this base model: the adapter "
+                             f"was made for another architecture (its base: {base}); use a matching base")
+        if tuple(mod.weight.shape) != layer.shape:
+            raise ValueError(f"adapter layer {key} does not fit this base model: the adapter's delta is "
+                             f"{layer.shape} (out, in) but the base weight is {tuple(mod.weight.shape)}; "
+                             f"the adapter was trained for a different base (its base: {base})")
+
+
+def fingerprint(pipe, samples: int = 16) -> str:
+    """Short stable id of a base: names, shapes and a few evenly spaced values of every weight LoRA
+    can target (Linear/Conv2d in unet and text encoder). Values are hashed at float16 precision, so
+    a base and its fp16 release (the fp32 weights rounded) agree; a bf16 copy rounds differently and
+    does not. PEFT wrappers and CLIP's `text_model.` level are ignored."""
+    h = hashlib.sha256()
+    for comp in COMPONENTS:
+        model = getattr(pipe, comp, None)
+        for name, mod in model.named_modules() if model is not None else ():
+            if not isinstance(mod, (torch.nn.Linear, torch.nn.Conv2d)) or ".lora_" in name:
+                continue  # PEFT's own lora_A/lora_B Linears are not the base
+            w = mod.weight.detach().reshape(-1)
+            idx = torch.linspace(0, w.numel() - 1, min(samples, w.numel())).long().to(w.device)
+            vals = w[idx].to("cpu", torch.float16).view(torch.int16).tolist()
+            name = name.removesuffix(".base_layer").removeprefix("text_model.")
+            h.update(f"{comp}.{name}:{tuple(mod.weight.shape)}:{vals};".encode())
+    return h.hexdigest()[:16]
+
+
+def describe(adapter: Adapter) -> dict[str, Any]:
+    """What `stylelora inspect` prints, as JSON-able values."""
+    meta, path = adapter.metadata, adapter.path
+    return {"path": str(path) if path else None, "format": adapter.source_format,
+            "format_version": meta.get(PREFIX + "format_version"), "rank": adapter.rank, "alpha": adapter.alpha,
+            "n_targets": len(adapter.layers), "targets": adapter.targets,
+            "components": sorted(adapter.components), "base_name": meta.get(PREFIX + "base_name"),
+            "base_fingerprint": meta.get(PREFIX + "base_fingerprint"), "trigger_words": adapter.trigger_words,
+            "training": _json_meta(meta, PREFIX + "training", path) or {},
+            "dataset": _json_meta(meta, PREFIX + "dataset", path) or {},
+            "nbytes": adapter.nbytes, "n_params": adapter.n_params}
