@@ -65,13 +65,15 @@ def cmd_world_pretrain(args) -> None:
 
 
 def cmd_eval(args) -> None:
-    from .evaluate import evaluate
+    from .evaluate import diffusers_adapters, evaluate, parse_adapter_spec
 
-    if args.adapter:
-        raise UserError("--adapter in eval arrives with adapter blending (issue: Blend and stack adapters); "
-                        "run eval without it for now")
+    specs = [parse_adapter_spec(a)[:2] for a in args.adapter]
     pipe = _load(args)
-    result = evaluate(pipe, n=args.n, seed=args.seed, steps=args.steps, guidance=args.guidance)
+    with diffusers_adapters(pipe, specs) as triggers:
+        # Prompts carry the adapters' trigger words, as a user of a style adapter would write them.
+        prefix = "".join(f"{t}, " for t in triggers)
+        result = evaluate(pipe, n=args.n, seed=args.seed, prefix=prefix, steps=args.steps,
+                          guidance=args.guidance)
     print(json.dumps(result) if args.json else json.dumps(result, indent=2))
 
 
@@ -81,6 +83,45 @@ def cmd_export_base(args) -> None:
     path = save_single_file(_load(args), args.out)
     print(f"wrote {path} ({path.stat().st_size / 1e6:.1f} MB); load it with --base {path} "
           f"--base-config <a diffusers folder of the same architecture>")
+
+
+def _add_config_flags(p: argparse.ArgumentParser, config_cls, skip=()) -> None:
+    """One --flag per dataclass field (type from the annotation, help from the default), with
+    default SUPPRESS so only flags the user typed override the TOML file and the defaults."""
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(config_cls)
+    for f in dataclasses.fields(config_cls):
+        if f.name in skip:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        kind = hints[f.name]
+        args = typing.get_args(kind)
+        base = next((a for a in args if a is not type(None)), kind) if args else kind
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if base is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
+                           help=f"(default: {default})")
+        elif typing.get_origin(kind) is list or base is list:
+            p.add_argument(flag, action="append", default=argparse.SUPPRESS, help="repeatable")
+        else:
+            p.add_argument(flag, type=base, default=argparse.SUPPRESS, help=f"(default: {default})")
+
+
+def cmd_train(args) -> None:
+    from .train import TrainConfig, load_toml, train
+
+    values = load_toml(args.config) if args.config else {}
+    given = {k: v for k, v in vars(args).items() if k not in ("command", "func", "config")}
+    values.update(given)
+    try:
+        cfg = TrainConfig(**values)
+    except TypeError as e:  # a TOML value of the wrong kind
+        raise UserError(f"bad training config: {e}") from None
+    if not cfg.dataset:
+        raise UserError("no dataset: give DATASET_DIR (or `dataset = ...` in the TOML file)")
+    train(cfg)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -111,6 +152,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stages", default="judge,vae,unet")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_world_pretrain)
+
+    p = sub.add_parser("train", help="train a LoRA style adapter on a folder of captioned images",
+                       argument_default=argparse.SUPPRESS)
+    p.add_argument("dataset", nargs="?", help="folder of images with same-stem captions")
+    p.add_argument("--config", default=None, help="TOML file with TrainConfig fields (flags override it)")
+    from .train import TrainConfig
+
+    _add_config_flags(p, TrainConfig, skip=("dataset",))
+    p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="judge a base (+ adapters) on held-out prompts")
     _add_base(p)

@@ -1,0 +1,477 @@
+"""Training data: a folder of captioned images as a torch Dataset, with buckets and repeats.
+
+Folder layout (searched recursively; names starting with "." are ignored):
+
+    root/
+      a.png  a.txt                  image + same-stem caption (UTF-8; a BOM is accepted)
+      3_style/b.jpg  3_style/b.txt  kohya-style repeats: see below
+      metadata.jsonl                optional: {"file_name": "a.png", "text": "a caption"} per line
+
+- Captions: a line of metadata.jsonl (diffusers imagefolder convention, file_name relative to
+  root) wins over a caption file for the image it names. An image with neither trains with an
+  empty caption (one warning line in the report).
+- Repeats: a folder directly under root named `N_name` (N a positive integer) shows each image
+  below it, at any depth, N times per epoch; every other image appears once. N counts samples,
+  not steps: `3_style` with 10 images is 30 samples.
+- Checks: every image is opened and decoded once here, so a bad file is skipped with one line
+  saying why (empty, truncated, not an image, over MAX_PIXELS, under MIN_SIDE px, unsupported
+  colour mode, caption not UTF-8) instead of failing a training run hours later.
+- Randomness (crops, flips, caption shuffle/dropout) comes only from a random.Random seeded with
+  (seed, epoch, sample index), and batch order from (seed, epoch): a resumed run replays the
+  exact samples and batches of an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import re
+import struct
+import warnings
+from collections import Counter, defaultdict
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import Iterator
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from torch.utils.data import Dataset, Sampler
+
+IMAGE_EXTS = (".bmp", ".gif", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp")
+METADATA = "metadata.jsonl"
+MAX_PIXELS = 64_000_000  # below PIL's own bomb limit (~89 MP), so we decide first, per file
+MIN_SIDE = 8
+# Modes load_image turns into RGB; anything else (e.g. LAB) is skipped at discovery.
+MODES = frozenset("1 L LA La P PA RGB RGBA RGBa RGBX CMYK YCbCr HSV I I;16 I;16B I;16L I;16N F".split())
+_ALPHA_MODES = frozenset({"LA", "La", "PA", "RGBA", "RGBa"})
+_REPEAT_DIR = re.compile(r"(\d+)_(.+)")
+_ORIENTATION = 0x0112  # EXIF tag; values 5-8 mean the stored image is rotated a quarter turn
+
+
+@dataclass(frozen=True)
+class Item:
+    """One usable image found by `discover`."""
+
+    path: Path                  # root / rel
+    rel: str                    # posix path relative to root: sort key and the name in reports
+    caption: str                # raw, stripped; CaptionProcessor adds trigger/shuffle/dropout
+    caption_source: str | None  # "a.txt", "metadata.jsonl", or None when there is no caption
+    repeats: int
+    size: tuple[int, int]       # (w, h) as load_image returns it, i.e. after EXIF orientation
+
+
+class _Skip(Exception):
+    """A file is unusable; the message is the reason shown to the user."""
+
+
+# ----------------------------------------------------------------------------- discovery
+
+def discover(root: str | os.PathLike, caption_ext: str = ".txt") -> tuple[list[Item], list[tuple[Path, str]]]:
+    """Usable images under `root` (sorted by relative path) and the (path, reason) of skipped ones."""
+    root = Path(root)
+    if not caption_ext.startswith(".") or caption_ext.lower() in IMAGE_EXTS:
+        raise ValueError(f"caption_ext must be a non-image extension starting with a dot, got {caption_ext!r}: "
+                         "try '.txt'")
+    if not root.exists():
+        raise FileNotFoundError(f"dataset folder {root} does not exist: check the path (it should hold images "
+                                f"with same-stem {caption_ext} captions)")
+    if not root.is_dir():
+        raise ValueError(f"dataset {root} is a file, not a folder: pass the folder that holds the images")
+    meta = _read_metadata(root / METADATA)
+    items, skipped = [], []
+    rels = [p.relative_to(root).as_posix() for p in _image_files(root)]
+    for rel in rels:
+        path = root / rel
+        try:
+            size = _probe(path)
+            caption, source = _caption(path, rel, meta, caption_ext)
+        except _Skip as e:
+            skipped.append((path, str(e)))
+            continue
+        items.append(Item(path, rel, caption, source, _repeats(rel), size))
+    for name, (_, line) in meta.items():
+        if name not in set(rels):
+            skipped.append((root / name, f"named on {METADATA} line {line} but not found among the images; "
+                                         "fix its file_name (relative to the dataset folder)"))
+    if not items:
+        if not skipped:
+            raise ValueError(f"no images in {root} (looked recursively for {', '.join(IMAGE_EXTS)}): add images "
+                             f"with same-stem {caption_ext} captions")
+        why = "; ".join(f"{p.name}: {r}" for p, r in skipped[:3]) + ("; ..." if len(skipped) > 3 else "")
+        raise ValueError(f"no usable image in {root}: {len(skipped)} file(s) skipped ({why}); fix or replace them")
+    return items, skipped
+
+
+def _image_files(root: Path) -> list[Path]:
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]  # .git, .ipynb_checkpoints, ...
+        found += [Path(dirpath, f) for f in filenames
+                  if not f.startswith(".") and os.path.splitext(f)[1].lower() in IMAGE_EXTS]
+    return sorted(found, key=lambda p: p.relative_to(root).as_posix())
+
+
+def _read_metadata(path: Path) -> dict[str, tuple[str, int]]:
+    """file_name -> (caption, line number) from a diffusers-style metadata.jsonl, if there is one."""
+    if not path.is_file():
+        return {}
+    try:
+        lines = path.read_text(encoding="utf-8-sig").splitlines()
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not UTF-8; re-save it as UTF-8") from None
+    out: dict[str, tuple[str, int]] = {}
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} line {n} is not valid JSON ({e.msg}): write one object per line, "
+                             'like {"file_name": "a.png", "text": "a caption"}') from None
+        if not (isinstance(row, dict) and isinstance(row.get("file_name"), str) and isinstance(row.get("text"), str)):
+            raise ValueError(f'{path} line {n} needs string fields "file_name" and "text", '
+                             'like {"file_name": "a.png", "text": "a caption"}')
+        name = PurePosixPath(row["file_name"].replace("\\", "/")).as_posix()
+        if name in out:
+            raise ValueError(f"{path} line {n}: {name!r} already has a caption on line {out[name][1]}; keep one")
+        out[name] = (row["text"].strip(), n)
+    return out
+
+
+def _probe(path: Path) -> tuple[int, int]:
+    """Decode the image once; return its (w, h) after EXIF orientation, or raise _Skip(reason)."""
+    if path.stat().st_size == 0:
+        raise _Skip("empty file (0 bytes); export the image again or delete it")
+    try:
+        # PIL warns (and later raises) for huge images; make the warning an error for this call
+        # only, so the limit never depends on (or changes) the process-wide filter state.
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                w, h = im.size
+                if w * h > MAX_PIXELS:
+                    raise _Skip(f"too large: {w}x{h} is over the {MAX_PIXELS / 1e6:.0f}-megapixel limit "
+                                "(possible decompression bomb); downscale it")
+                if min(w, h) < MIN_SIDE:
+                    raise _Skip(f"too small: {w}x{h}, need at least {MIN_SIDE} px per side; use a larger image")
+                if im.mode not in MODES:
+                    raise _Skip(f"colour mode {im.mode} is not supported; convert it to RGB")
+                # JPEG: decode at 1/8 scale. Every byte is still read, so truncation still shows.
+                im.draft(im.mode, (w // 8, h // 8))
+                im.load()
+                quarter_turn = im.getexif().get(_ORIENTATION, 1) in (5, 6, 7, 8)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise _Skip(f"too large (possible decompression bomb: {e}); downscale it") from None
+    except UnidentifiedImageError:
+        raise _Skip("not an image PIL can read (wrong extension or not an image); delete or convert it") from None
+    except (OSError, SyntaxError, ValueError, EOFError, struct.error) as e:
+        raise _Skip(f"truncated or corrupt image ({e}); export it again or delete it") from None
+    return (h, w) if quarter_turn else (w, h)
+
+
+def _caption(path: Path, rel: str, meta: dict[str, tuple[str, int]], caption_ext: str) -> tuple[str, str | None]:
+    if rel in meta:
+        return meta[rel][0], METADATA
+    txt = path.with_suffix(caption_ext)
+    if not txt.is_file():
+        return "", None
+    try:
+        return txt.read_text(encoding="utf-8-sig").strip(), txt.name
+    except UnicodeDecodeError:
+        raise _Skip(f"caption {txt.name} is not UTF-8; re-save it as UTF-8") from None
+
+
+def _repeats(rel: str) -> int:
+    parts = PurePosixPath(rel).parts
+    m = _REPEAT_DIR.fullmatch(parts[0]) if len(parts) > 1 else None
+    return max(1, int(m.group(1))) if m else 1
+
+
+def format_report(items: list[Item], skipped: list[tuple[Path, str]]) -> str:
+    """One line per skipped file, warnings, then '37 images (2 folders, 112 samples with repeats), 3 skipped'."""
+    lines = [f"skipped {path}: {reason}" for path, reason in skipped]
+    missing = [it.rel for it in items if it.caption_source is None]
+    if missing:
+        lines.append(f"warning: {_plural(len(missing), 'image')} without a caption train with an empty caption "
+                     f"({_first(missing)}); add same-stem caption files or {METADATA} lines")
+    stems = defaultdict(list)  # same stem, same folder, one caption file (or none) between them
+    for it in items:
+        if it.caption_source != METADATA:
+            stems[os.path.splitext(it.rel)[0]].append(it.rel)
+    shared = [" + ".join(v) for v in stems.values() if len(v) > 1]
+    if shared:
+        lines.append(f"warning: images sharing a stem share one caption ({_first(shared)}); "
+                     "rename them if they need different captions")
+    folders = len({PurePosixPath(it.rel).parent for it in items})
+    samples = sum(it.repeats for it in items)
+    lines.append(f"{_plural(len(items), 'image')} ({_plural(folders, 'folder')}, "
+                 f"{_plural(samples, 'sample')} with repeats), {len(skipped)} skipped")
+    return "\n".join(lines)
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def _first(names: list[str], k: int = 3) -> str:
+    return ", ".join(names[:k]) + (f", ... ({len(names) - k} more)" if len(names) > k else "")
+
+
+# ----------------------------------------------------------------------------- images
+
+def load_image(path: str | os.PathLike) -> Image.Image:
+    """The image as 8-bit RGB, upright (EXIF orientation applied); animations give their first frame."""
+    try:
+        with Image.open(path) as im:
+            im.seek(0)
+            return to_rgb(ImageOps.exif_transpose(im))
+    except (OSError, SyntaxError, ValueError, EOFError) as e:
+        raise ValueError(f"cannot read image {path} ({e}); export it again or delete it") from e
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """Any PIL mode to RGB: transparency composited on white, 16-bit/32-bit/float scaled to 8 bits."""
+    if im.mode in ("I", "F") or im.mode.startswith("I;16"):
+        return Image.fromarray(_to_8bit(np.asarray(im), im.mode), "L").convert("RGB")
+    if im.mode in _ALPHA_MODES or "transparency" in im.info:  # tRNS colour keys too (P, L, RGB)
+        rgba = im.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    if im.mode not in MODES:
+        raise ValueError(f"colour mode {im.mode} is not supported; convert the image to RGB")
+    return im.convert("RGB")  # also a copy for RGB, so callers never share the file's buffer
+
+
+def _to_8bit(a: np.ndarray, mode: str) -> np.ndarray:
+    if mode.startswith("I;16"):  # the mode says 16 bits: keep the top 8, however dark the image is
+        return (a.astype(np.uint32) >> 8).astype(np.uint8)
+    a = np.nan_to_num(a.astype(np.float64), nan=0.0, posinf=0.0, neginf=0.0).clip(min=0)
+    peak = float(a.max(initial=0))
+    if mode == "F" and peak <= 1.0:  # float images are usually 0..1
+        return np.rint(a * 255).astype(np.uint8)
+    # "I" does not say its depth: take the smallest of 8/16/32 bits that holds the data.
+    bits = 8 if peak < 2**8 else 16 if peak < 2**16 else 32
+    return np.floor(a / 2 ** (bits - 8)).clip(max=255).astype(np.uint8)
+
+
+def fit_to_bucket(img: Image.Image, size: tuple[int, int], rng: random.Random | None = None,
+                  random_crop: bool = False, flip: bool = False) -> Image.Image:
+    """Resize (keeping aspect) to cover `size`, crop to it (centre or random), maybe mirror."""
+    bw, bh = size
+    w, h = img.size
+    scale = max(bw / w, bh / h)
+    nw, nh = max(bw, round(w * scale)), max(bh, round(h * scale))
+    if (nw, nh) != (w, h):
+        # Lanczos for downscaling (sharp, no aliasing); bicubic rings less when enlarging.
+        img = img.resize((nw, nh), Image.Resampling.LANCZOS if scale < 1 else Image.Resampling.BICUBIC)
+    if (random_crop or flip) and rng is None:
+        raise ValueError("random_crop/flip need an rng: pass random.Random(seed)")
+    left, top = (rng.randint(0, nw - bw), rng.randint(0, nh - bh)) if random_crop else ((nw - bw) // 2, (nh - bh) // 2)
+    img = img.crop((left, top, left + bw, top + bh))
+    if flip and rng.random() < 0.5:
+        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    return img
+
+
+def to_tensor(img: Image.Image) -> torch.Tensor:
+    """RGB PIL image -> float (3, H, W) in [-1, 1], the VAE's input range."""
+    return torch.from_numpy(np.asarray(img, dtype=np.uint8).astype(np.float32)).permute(2, 0, 1) / 127.5 - 1.0
+
+
+# ----------------------------------------------------------------------------- captions
+
+def split_tags(caption: str) -> list[str]:
+    """Comma-separated tags, stripped, empty ones dropped ("a, , b," -> ["a", "b"])."""
+    return [t for t in (t.strip() for t in caption.split(",")) if t]
+
+
+@dataclass(frozen=True)
+class CaptionProcessor:
+    """Per-sample caption: trigger first, optional tag shuffle, optional dropout to ""."""
+
+    trigger: str | None = None  # may itself be several tags: "neon, outline"
+    shuffle: bool = False
+    keep_tokens: int = 0        # with shuffle: the first N tags of the caption as written stay put
+    dropout: float = 0.0        # probability of training on the empty (unconditional) caption
+
+    def __post_init__(self) -> None:
+        if self.keep_tokens < 0:
+            raise ValueError(f"keep_tokens must be >= 0, got {self.keep_tokens}")
+        if not 0.0 <= self.dropout <= 1.0:
+            raise ValueError(f"caption dropout must be in [0, 1], got {self.dropout}: try 0.05")
+
+    @property
+    def deterministic(self) -> bool:
+        return not self.shuffle and self.dropout == 0
+
+    def __call__(self, caption: str, rng: random.Random) -> str:
+        if self.dropout and rng.random() < self.dropout:
+            return ""
+        tags = split_tags(caption)
+        # Trigger tags the caption lacks go in front and are always kept: keep_tokens counts
+        # from the caption as written, so it means the same with or without a trigger.
+        added = [t for t in split_tags(self.trigger or "") if t not in tags]
+        keep = len(added) + self.keep_tokens
+        tags = added + tags
+        if self.shuffle:
+            tail = tags[keep:]
+            rng.shuffle(tail)
+            tags = tags[:keep] + tail
+        return ", ".join(tags)
+
+
+# ----------------------------------------------------------------------------- buckets
+
+def make_buckets(resolution: int, step: int = 8, max_ratio: float = 2.0) -> list[tuple[int, int]]:
+    """(w, h) buckets of area ~resolution**2 with sides multiples of `step`, sorted by aspect w/h."""
+    if step <= 0 or resolution <= 0 or resolution % step:
+        raise ValueError(f"resolution {resolution} must be a positive multiple of the bucket step {step}: "
+                         f"try {max(step, round(resolution / max(step, 1)) * step)}")
+    if max_ratio < 1:
+        raise ValueError(f"max_ratio must be >= 1, got {max_ratio}: try 2.0")
+    area = resolution * resolution
+    found = set()
+    for short in range(step, resolution + 1, step):
+        long = max(step, round(area / short / step) * step)
+        # The area check matters for coarse steps, where rounding can miss the target by far.
+        if long / short <= max_ratio + 1e-9 and abs(short * long - area) <= 0.15 * area:
+            found |= {(short, long), (long, short)}
+    return sorted(found, key=lambda wh: (wh[0] / wh[1], wh[0]))
+
+
+def assign_bucket(w: int, h: int, buckets: list[tuple[int, int]]) -> tuple[int, int]:
+    """The bucket with the closest log-aspect ratio (so 1:2 and 2:1 are equally far from 1:1)."""
+    if w <= 0 or h <= 0 or not buckets:
+        raise ValueError(f"need a positive image size and at least one bucket, got {w}x{h} and {buckets}")
+    target = math.log(w / h)
+    return min(buckets, key=lambda b: abs(math.log(b[0] / b[1]) - target))
+
+
+# ----------------------------------------------------------------------------- dataset
+
+class CaptionFolder(Dataset):
+    """Samples {"pixel_values", "caption", "index", "bucket"} from a folder (see the module docstring)."""
+
+    def __init__(self, root: str | os.PathLike, resolution: int = 64, caption_ext: str = ".txt",
+                 captions: CaptionProcessor | None = None, bucket: bool = True, bucket_step: int = 8,
+                 random_crop: bool = False, flip: bool = False, seed: int = 0):
+        self.root = Path(root)
+        self.items, self.skipped = discover(self.root, caption_ext)
+        self.captions = captions or CaptionProcessor()
+        self.buckets = make_buckets(resolution, bucket_step) if bucket else [(resolution, resolution)]
+        if not bucket:
+            make_buckets(resolution, bucket_step)  # same size validation either way
+        self._item_bucket = [assign_bucket(*it.size, self.buckets) for it in self.items]
+        self._samples = [k for k, it in enumerate(self.items) for _ in range(it.repeats)]  # sample -> item
+        self.random_crop, self.flip, self.seed = random_crop, flip, seed
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self._samples)
+
+    def __getitem__(self, i: int) -> dict:
+        if not 0 <= i < len(self):
+            raise IndexError(f"sample {i} out of range: the dataset has {len(self)} samples")
+        k = self._samples[i]
+        bucket = self._item_bucket[k]
+        # Separate streams, so turning flips on does not change which captions get shuffled how.
+        pix_rng = random.Random(f"{self.seed}/{self.epoch}/{i}/pixels")
+        cap_rng = random.Random(f"{self.seed}/{self.epoch}/{i}/caption")
+        img = fit_to_bucket(load_image(self.items[k].path), bucket, pix_rng, self.random_crop, self.flip)
+        return {"pixel_values": to_tensor(img), "caption": self.captions(self.items[k].caption, cap_rng),
+                "index": i, "bucket": bucket}
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def bucket_of(self, i: int) -> tuple[int, int]:
+        return self._item_bucket[self._samples[i]]
+
+    @property
+    def n_images(self) -> int:
+        return len(self.items)
+
+    @property
+    def deterministic_pixels(self) -> bool:
+        """Same pixels for a sample in every epoch: latents may be cached."""
+        return not (self.random_crop or self.flip)
+
+    @property
+    def deterministic_captions(self) -> bool:
+        """Same caption for a sample in every epoch: text embeddings may be cached."""
+        return self.captions.deterministic
+
+    @property
+    def report(self) -> str:
+        counts = Counter(self.bucket_of(i) for i in range(len(self)))
+        return format_report(self.items, self.skipped) + "\nbuckets: " + ", ".join(
+            f"{w}x{h} ({n})" for (w, h), n in sorted(counts.items()))
+
+    def summary(self) -> dict:
+        """For adapter metadata: counts only, no local paths."""
+        return {"n_images": len(self.items), "n_samples": len(self), "n_skipped": len(self.skipped),
+                "folders": len({PurePosixPath(it.rel).parent for it in self.items})}
+
+    def caption_for_sampling(self, k: int) -> str:
+        """Image k's caption with the trigger, never shuffled or dropped: a prompt for samples."""
+        return CaptionProcessor(self.captions.trigger)(self.items[k].caption, random.Random(0))
+
+    def guess_triggers(self) -> list[str]:
+        """Leading tags every captioned image shares (kohya's "trigger, caption"), e.g. ["outline"]."""
+        tag_lists = [split_tags(it.caption) for it in self.items if split_tags(it.caption)]
+        if not tag_lists:
+            return []
+        prefix = tag_lists[0]
+        for tags in tag_lists[1:]:
+            n = 0
+            while n < min(len(prefix), len(tags)) and prefix[n] == tags[n]:
+                n += 1
+            prefix = prefix[:n]
+        # Identical captions (or a single image): the last shared tag describes, it does not trigger.
+        if all(len(tags) == len(prefix) for tags in tag_lists):
+            prefix = prefix[:-1]
+        return prefix
+
+
+class BucketBatchSampler(Sampler[list[int]]):
+    """Batches of sample indices from one bucket each; the order is a pure function of (seed, epoch)."""
+
+    def __init__(self, dataset: CaptionFolder, batch_size: int, seed: int = 0, drop_last: bool = False):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        self.batch_size, self.seed, self.drop_last = batch_size, seed, drop_last
+        self.epoch = 0
+        groups: dict[tuple[int, int], list[int]] = defaultdict(list)
+        for i in range(len(dataset)):
+            groups[dataset.bucket_of(i)].append(i)
+        self._groups = [groups[b] for b in sorted(groups)]
+        self._cached: tuple[int, list[list[int]]] | None = None
+        if not self.batches(0):
+            sizes = ", ".join(str(len(g)) for g in self._groups)
+            raise ValueError(f"drop_last with batch_size {batch_size} leaves no batch (bucket sizes: {sizes}): "
+                             "lower batch_size or use drop_last=False")
+
+    def batches(self, epoch: int) -> list[list[int]]:
+        """Every batch of `epoch`, in order. The trainer calls this per step, so the last epoch is cached."""
+        if self._cached is None or self._cached[0] != epoch:
+            rng = random.Random(f"{self.seed}/{epoch}/batches")
+            out = []
+            for group in self._groups:
+                idx = group[:]
+                rng.shuffle(idx)
+                out += [idx[s:s + self.batch_size] for s in range(0, len(idx), self.batch_size)
+                        if not self.drop_last or s + self.batch_size <= len(idx)]
+            rng.shuffle(out)  # mix buckets, so a run does not see all wide images in a row
+            self._cached = (epoch, out)
+        return [b[:] for b in self._cached[1]]  # copies: callers may mutate, the cache stays right
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[list[int]]:
+        return iter(self.batches(self.epoch))
+
+    def __len__(self) -> int:
+        return len(self.batches(self.epoch))

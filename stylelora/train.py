@@ -1,0 +1,453 @@
+"""Train a LoRA style adapter on a folder of captioned images.
+
+    cfg = TrainConfig(dataset="datasets/stripes", out="stripes.safetensors")
+    train(cfg)
+
+Design notes
+- Every random draw of a step (batch order, noise, timesteps, LoRA dropout) is a pure function
+  of (seed, step, process), so `resume` continues exactly: a killed-and-resumed run ends with
+  the same adapter as an uninterrupted one. Checkpoints hold LoRA weights, optimizer moments and
+  the step, all in safetensors/JSON (no pickle).
+- Latents are cached when pixels are deterministic (no random crop/flip), text embeddings when
+  the text encoder is frozen and captions fixed: the VAE and text encoder then run once per
+  image instead of once per step.
+- Runs under `accelerate launch` (DDP over processes; bf16/fp16 via --mixed-precision).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+OPTIMIZERS = ("adamw", "adamw8bit")
+SCHEDULES = ("constant", "linear", "cosine")
+PRECISIONS = ("no", "fp16", "bf16")
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs. CLI flags and TOML keys are generated from these fields."""
+
+    dataset: str = ""                 # folder of images + same-stem captions (or metadata.jsonl)
+    out: str = "adapter.safetensors"  # the adapter file; the run folder sits beside it
+    base: str | None = None           # None = the embedded base; a diffusers folder or .safetensors
+    base_config: str | None = None    # config folder for a single-file base
+    # data
+    caption_ext: str = ".txt"
+    trigger: str | None = None        # prepended to every caption (if not already there)
+    shuffle_captions: bool = False
+    keep_tokens: int = 0              # with shuffle: keep the first N comma-separated tags in place
+    caption_dropout: float = 0.0
+    resolution: int | None = None     # None = the base's native size
+    bucket: bool = True
+    random_crop: bool = False
+    flip: bool = False
+    # LoRA
+    targets: str = "cross-attn"       # cross-attn | attn | attn-ff
+    rank: int = 4
+    alpha: float | None = None        # None = rank (scale 1)
+    lora_dropout: float = 0.0
+    train_text_encoder: bool = True
+    # optimisation
+    steps: int = 1500
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 1e-3
+    te_lr: float | None = None        # None = lr / 2
+    optimizer: str = "adamw"
+    weight_decay: float = 1e-2
+    lr_schedule: str = "cosine"
+    warmup_steps: int = 50
+    max_grad_norm: float = 1.0
+    min_snr_gamma: float | None = 5.0
+    noise_offset: float = 0.0
+    mixed_precision: str = "no"
+    gradient_checkpointing: bool = False
+    cache: bool = True                # cache latents / text embeddings where that is exact
+    seed: int = 0
+    device: str = "auto"
+    # outputs
+    run_dir: str | None = None        # None = "<out without .safetensors>.run"
+    log_every: int = 10
+    sample_every: int = 500           # 0 = never
+    checkpoint_every: int = 500       # 0 = never
+    keep_checkpoints: int = 2
+    resume: str | None = None         # a checkpoint folder, or a run folder (latest checkpoint)
+    progress: bool = True
+    sample_prompts: list[str] = field(default_factory=list)  # empty = first captions of the dataset
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise ValueError(msg)
+
+        need(self.rank > 0, f"rank must be a positive integer, got {self.rank}: try --rank 4")
+        need(self.alpha is None or self.alpha > 0, f"alpha must be positive, got {self.alpha}")
+        need(self.lr > 0, f"learning rate must be positive, got {self.lr}: try --lr 1e-3")
+        need(self.te_lr is None or self.te_lr > 0, f"te_lr must be positive, got {self.te_lr}")
+        need(self.steps > 0, f"steps must be positive, got {self.steps}")
+        need(self.batch_size > 0 and self.grad_accum > 0, "batch_size and grad_accum must be positive")
+        need(self.resolution is None or (self.resolution > 0 and self.resolution % 8 == 0),
+             f"resolution must be a positive multiple of 8, got {self.resolution}: try "
+             f"{max(8, round((self.resolution or 64) / 8) * 8)}")
+        need(0 <= self.caption_dropout < 1, f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
+        need(0 <= self.lora_dropout < 1, f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        need(self.keep_tokens >= 0, f"keep_tokens must be >= 0, got {self.keep_tokens}")
+        need(self.optimizer in OPTIMIZERS, f"optimizer {self.optimizer!r} unknown: use one of {OPTIMIZERS}")
+        need(self.lr_schedule in SCHEDULES, f"lr_schedule {self.lr_schedule!r} unknown: use one of {SCHEDULES}")
+        need(self.mixed_precision in PRECISIONS,
+             f"mixed_precision {self.mixed_precision!r} unknown: use one of {PRECISIONS}")
+        need(self.min_snr_gamma is None or self.min_snr_gamma > 0, "min_snr_gamma must be positive or None")
+        from .lora import UNET_PRESETS
+
+        need(self.targets in UNET_PRESETS, f"targets {self.targets!r} unknown: use one of {sorted(UNET_PRESETS)}")
+        need(str(self.out).endswith(".safetensors"), f"out must end in .safetensors, got {self.out!r}")
+
+    @property
+    def scale_alpha(self) -> float:
+        return float(self.alpha if self.alpha is not None else self.rank)
+
+    @property
+    def run_path(self) -> Path:
+        return Path(self.run_dir) if self.run_dir else Path(str(self.out)[: -len(".safetensors")] + ".run")
+
+    def summary(self) -> dict:
+        """What goes into the adapter's metadata (reproducible settings, no local paths)."""
+        skip = {"out", "run_dir", "resume", "progress", "device", "sample_prompts", "base_config"}
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
+
+
+def load_toml(path: str | os.PathLike) -> dict:
+    """Read a TOML config; unknown keys are an error naming them."""
+    import tomllib
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ValueError(f"config file {path} is not valid TOML: {e}") from None
+    data = data.get("train", data)  # allow a [train] table or top-level keys
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"unknown key(s) {unknown} in {path}; known keys are the TrainConfig fields: "
+                         f"{', '.join(sorted(known))}")
+    return data
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def _seed_for(*parts) -> int:
+    """A 63-bit seed from any tuple of ints/strings: independent streams per (seed, step, rank)."""
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") >> 1
+
+
+def _lr_factor(cfg: TrainConfig, step: int) -> float:
+    warm = min(1.0, (step + 1) / max(1, cfg.warmup_steps))
+    progress = step / max(1, cfg.steps)
+    decay = {"constant": 1.0, "linear": 1 - progress, "cosine": 0.5 * (1 + math.cos(math.pi * progress))}
+    return warm * decay[cfg.lr_schedule]
+
+
+def _snr_weights(alphas_cumprod: torch.Tensor, t: torch.Tensor, gamma: float, v_pred: bool) -> torch.Tensor:
+    """Min-SNR-gamma loss weights (Hang et al. 2023): min(SNR, gamma) / SNR, (+1 for v-prediction)."""
+    a = alphas_cumprod[t]
+    snr = a / (1 - a)
+    w = torch.clamp(snr, max=gamma) / snr
+    return w * snr / (snr + 1) if v_pred else w
+
+
+def _atomic_save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata=None) -> None:
+    from safetensors.torch import save_file
+
+    tmp = path.with_name(path.name + ".tmp")
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+
+
+def _make_optimizer(cfg: TrainConfig, groups):
+    if cfg.optimizer == "adamw8bit":
+        try:
+            import bitsandbytes as bnb
+        except ImportError:
+            raise ValueError("optimizer 'adamw8bit' needs bitsandbytes (pip install bitsandbytes); "
+                             "use --optimizer adamw") from None
+        return bnb.optim.AdamW8bit(groups, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def save_checkpoint(run: Path, step: int, named_params: dict[str, torch.nn.Parameter], optimizer,
+                    cfg: TrainConfig) -> Path:
+    """Full training state at `step` into run/checkpoints/step-N, written beside and renamed."""
+    final = run / "checkpoints" / f"step-{step:06d}"
+    tmp = final.with_name(final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    index = {id(p): n for n, p in named_params.items()}
+    moments = {}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            for k, v in optimizer.state.get(p, {}).items():
+                if torch.is_tensor(v):
+                    moments[f"{index[id(p)]}::{k}"] = v
+    _atomic_save_tensors(dict(named_params), tmp / "lora.safetensors")
+    _atomic_save_tensors(moments, tmp / "optimizer.safetensors")
+    (tmp / "state.json").write_text(json.dumps({"step": step, "config": cfg.summary()}, indent=2))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+    kept = sorted((run / "checkpoints").glob("step-??????"))
+    for old in kept[: max(0, len(kept) - cfg.keep_checkpoints)]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def find_checkpoint(path: str | os.PathLike) -> Path:
+    """A checkpoint folder, or the latest complete one inside a run folder."""
+    path = Path(path)
+    if (path / "state.json").is_file():
+        return path
+    found = sorted((path / "checkpoints").glob("step-??????")) + sorted(path.glob("step-??????"))
+    found = [p for p in found if (p / "state.json").is_file()]
+    if not found:
+        raise FileNotFoundError(f"no checkpoint in {path}: pass a run folder's checkpoints/step-N folder "
+                                "or a run folder that has one")
+    return found[-1]
+
+
+def load_checkpoint(ckpt: Path, named_params, optimizer) -> int:
+    from safetensors.torch import load_file
+
+    weights = load_file(str(ckpt / "lora.safetensors"))
+    missing = set(named_params) - set(weights)
+    if missing:
+        raise ValueError(f"checkpoint {ckpt} does not match this run's LoRA layout (missing "
+                         f"{sorted(missing)[:3]}): resume with the same targets, rank and base")
+    with torch.no_grad():
+        for n, p in named_params.items():
+            p.copy_(weights[n])
+    moments = load_file(str(ckpt / "optimizer.safetensors"))
+    for n, p in named_params.items():
+        state = {k.split("::", 1)[1]: v for k, v in moments.items() if k.split("::", 1)[0] == n}
+        if state:
+            optimizer.state[p] = state
+    return json.loads((ckpt / "state.json").read_text())["step"]
+
+
+# ----------------------------------------------------------------------------- the run
+
+def train(cfg: TrainConfig) -> Path:
+    """Train and write the adapter to cfg.out. Returns its path."""
+    from accelerate import Accelerator
+    from tqdm.auto import tqdm
+
+    from .adapters import adapter_from_pipeline, fingerprint, save_adapter
+    from .base import base_name, load_base
+    from .data import BucketBatchSampler, CaptionFolder, CaptionProcessor
+    from .lora import inject, text_encoder_targets, unet_targets
+    from .plots import plot_loss
+
+    accel = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum,
+                        cpu=cfg.device == "cpu")
+    dev = accel.device
+    pipe = load_base(cfg.base, config=cfg.base_config, device=str(dev))
+    unet, te, vae, tok = pipe.unet, pipe.text_encoder, pipe.vae, pipe.tokenizer
+    for m in (unet, te, vae):
+        m.requires_grad_(False)
+    resolution = cfg.resolution or unet.config.sample_size * pipe.vae_scale_factor
+    data = CaptionFolder(cfg.dataset, resolution=resolution, caption_ext=cfg.caption_ext,
+                         captions=CaptionProcessor(cfg.trigger, cfg.shuffle_captions, cfg.keep_tokens,
+                                                   cfg.caption_dropout),
+                         bucket=cfg.bucket, bucket_step=pipe.vae_scale_factor, random_crop=cfg.random_crop,
+                         flip=cfg.flip, seed=cfg.seed)
+    if accel.is_main_process:
+        print(data.report)
+
+    # LoRA on the chosen targets; seeded so every process starts from the same A matrices.
+    torch.manual_seed(cfg.seed)
+    u_targets = unet_targets(unet, cfg.targets)
+    params = {"unet": inject(unet, u_targets, cfg.rank, cfg.scale_alpha, cfg.lora_dropout)}
+    t_targets = text_encoder_targets(te) if cfg.train_text_encoder else []
+    if t_targets:
+        params["text_encoder"] = inject(te, t_targets, cfg.rank, cfg.scale_alpha, cfg.lora_dropout)
+    named = {f"unet.{n}": p for n, p in unet.named_parameters() if p.requires_grad}
+    named.update({f"text_encoder.{n}": p for n, p in te.named_parameters() if p.requires_grad})
+    if cfg.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    te_lr = cfg.te_lr if cfg.te_lr is not None else cfg.lr / 2
+    groups = [{"params": params["unet"], "lr": cfg.lr, "base_lr": cfg.lr}]
+    if "text_encoder" in params:
+        groups.append({"params": params["text_encoder"], "lr": te_lr, "base_lr": te_lr})
+    optimizer = _make_optimizer(cfg, groups)
+
+    run = cfg.run_path
+    start = 0
+    if cfg.resume:
+        ckpt = find_checkpoint(cfg.resume)
+        start = load_checkpoint(ckpt, named, optimizer)
+        if accel.is_main_process:
+            print(f"resumed from {ckpt} at step {start}")
+
+    # Caches: exact only when nothing random touches pixels / captions / the text encoder.
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision, torch.float32)
+    cache_latents = cfg.cache and data.deterministic_pixels
+    cache_text = cfg.cache and data.deterministic_captions and not t_targets
+    latent_cache: dict[int, torch.Tensor] = {}
+    text_cache: dict[str, torch.Tensor] = {}
+
+    def encode_text(captions: list[str], grad: bool) -> torch.Tensor:
+        ids = tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                  return_tensors="pt").input_ids.to(dev)
+        with torch.set_grad_enabled(grad):
+            return te(ids)[0]
+
+    @torch.no_grad()
+    def encode_images(pixels: torch.Tensor) -> torch.Tensor:
+        # The posterior mean: deterministic, so caching it is exact.
+        return vae.encode(pixels.to(dev, vae.dtype)).latent_dist.mode() * vae.config.scaling_factor
+
+    # Models in train mode only for LoRA dropout; base layers have no dropout/batchnorm to disturb.
+    unet, te, optimizer = accel.prepare(unet, te, optimizer)
+    unet.train()
+    te.train(bool(t_targets))
+    from diffusers import DDPMScheduler
+
+    noise_sched = DDPMScheduler.from_config(pipe.scheduler.config)
+    v_pred = noise_sched.config.prediction_type == "v_prediction"
+    alphas_cumprod = noise_sched.alphas_cumprod.to(dev)
+
+    sampler = BucketBatchSampler(data, cfg.batch_size, seed=cfg.seed)
+    epochs: dict[int, list[list[int]]] = {}
+    per_epoch = max(1, len(sampler.batches(0)) // accel.num_processes)
+
+    def batch_at(micro: int) -> list[int]:
+        # Micro-batch `micro` of this process: epoch order is a pure function of (seed, epoch).
+        epoch, k = divmod(micro, per_epoch)
+        if epoch not in epochs:
+            epochs.clear()
+            epochs[epoch] = sampler.batches(epoch)
+        batches = epochs[epoch]
+        return batches[(k * accel.num_processes + accel.process_index) % len(batches)]
+
+    log_rows: list[tuple[int, float, float]] = []
+    log_path = run / "loss.csv"
+    if accel.is_main_process:
+        (run / "samples").mkdir(parents=True, exist_ok=True)
+        if start == 0 or not log_path.is_file():
+            log_path.write_text("step,loss,lr\n")
+        else:  # drop rows past the checkpoint so the curve has no duplicate steps
+            rows = list(csv.reader(log_path.open()))[1:]
+            log_path.write_text("step,loss,lr\n" + "".join(f"{','.join(r)}\n" for r in rows if int(r[0]) <= start))
+    prompts = cfg.sample_prompts or [data.caption_for_sampling(i) for i in range(min(4, data.n_images))]
+
+    bar = tqdm(total=cfg.steps, initial=start, disable=not (cfg.progress and accel.is_main_process),
+               desc="train", unit="step", dynamic_ncols=True)
+    t0, recent = time.time(), []
+    for step in range(start, cfg.steps):
+        for g in optimizer.param_groups:
+            g["lr"] = g["base_lr"] * _lr_factor(cfg, step)
+        for micro in range(cfg.grad_accum):
+            index = step * cfg.grad_accum + micro
+            # One seed per (run, step, micro-batch, process): resume replays the same draws.
+            torch.manual_seed(_seed_for(cfg.seed, index, accel.process_index))
+            gen = torch.Generator().manual_seed(_seed_for(cfg.seed, index, accel.process_index, "noise"))
+            items = [data[i] for i in batch_at(index)]
+            if cache_latents:
+                missing = [it for it in items if it["index"] not in latent_cache]
+                if missing:
+                    lat = encode_images(torch.stack([it["pixel_values"] for it in missing]))
+                    latent_cache.update({it["index"]: l.cpu() for it, l in zip(missing, lat)})
+                latents = torch.stack([latent_cache[it["index"]] for it in items]).to(dev)
+            else:
+                latents = encode_images(torch.stack([it["pixel_values"] for it in items]))
+            captions = [it["caption"] for it in items]
+            if cache_text:
+                new = [c for c in dict.fromkeys(captions) if c not in text_cache]
+                if new:
+                    text_cache.update(zip(new, encode_text(new, grad=False)))
+                cond = torch.stack([text_cache[c] for c in captions])
+            else:
+                cond = encode_text(captions, grad=bool(t_targets))
+            noise = torch.randn(latents.shape, generator=gen).to(dev, latents.dtype)  # (B, 4, h, w)
+            if cfg.noise_offset:
+                noise += cfg.noise_offset * torch.randn(latents.shape[:2] + (1, 1), generator=gen).to(dev)
+            t = torch.randint(0, len(alphas_cumprod), (len(items),), generator=gen).to(dev)
+            noisy = noise_sched.add_noise(latents, noise, t)
+            target = noise_sched.get_velocity(latents, noise, t) if v_pred else noise
+            with accel.accumulate(unet), accel.autocast():
+                pred = unet(noisy.to(weight_dtype), t, cond.to(weight_dtype)).sample.float()
+                loss = F.mse_loss(pred, target.float(), reduction="none").mean(dim=(1, 2, 3))
+                if cfg.min_snr_gamma:
+                    loss = loss * _snr_weights(alphas_cumprod, t, cfg.min_snr_gamma, v_pred)
+                loss = loss.mean()
+                accel.backward(loss)
+                if accel.sync_gradients and cfg.max_grad_norm:
+                    accel.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]],
+                                          cfg.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            recent.append(loss.item())
+        done = step + 1
+        bar.update(1)
+        if done % cfg.log_every == 0 or done == cfg.steps:
+            mean = accel.reduce(torch.tensor(sum(recent) / len(recent), device=dev), "mean").item()
+            recent = []
+            if accel.is_main_process:
+                lr_now = optimizer.param_groups[0]["lr"]
+                log_rows.append((done, mean, lr_now))
+                with log_path.open("a") as f:
+                    f.write(f"{done},{mean:.6f},{lr_now:.3e}\n")
+                bar.set_postfix(loss=f"{mean:.4f}", sps=f"{(done - start) / (time.time() - t0):.1f}")
+        if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.steps:
+            accel.wait_for_everyone()
+            if accel.is_main_process:
+                save_checkpoint(run, done, named, optimizer, cfg)
+        if accel.is_main_process and cfg.sample_every and (done % cfg.sample_every == 0 or done == cfg.steps):
+            _save_samples(pipe, accel, unet, te, prompts, run / "samples" / f"step-{done:06d}.png")
+            unet.train()
+            te.train(bool(t_targets))
+    bar.close()
+    accel.wait_for_everyone()
+    out = Path(cfg.out)
+    if accel.is_main_process:
+        plot_loss(log_path, run / "loss.png")
+        pipe.unet, pipe.text_encoder = accel.unwrap_model(unet), accel.unwrap_model(te)
+        triggers = [w.strip() for w in (cfg.trigger or "").split(",") if w.strip()]
+        adapter = adapter_from_pipeline(pipe, metadata={
+            "stylelora.base_name": base_name(cfg.base),
+            "stylelora.base_fingerprint": fingerprint(pipe),
+            "stylelora.trigger_words": json.dumps(triggers or data.guess_triggers()),
+            "stylelora.training": json.dumps({**cfg.summary(), "seconds": round(time.time() - t0, 1)}),
+            "stylelora.dataset": json.dumps(data.summary()),
+        })
+        out.parent.mkdir(parents=True, exist_ok=True)
+        save_adapter(adapter, out)
+        print(f"wrote {out} ({out.stat().st_size / 1e3:.0f} kB); run folder {run}")
+    accel.wait_for_everyone()
+    accel.end_training()
+    return out
+
+
+@torch.no_grad()
+def _save_samples(pipe, accel, unet, te, prompts: list[str], path: Path) -> None:
+    from .evaluate import generate_images
+    from .grid import image_grid
+
+    pipe.unet, pipe.text_encoder = accel.unwrap_model(unet), accel.unwrap_model(te)
+    pipe.unet.eval(), pipe.text_encoder.eval()
+    images = generate_images(pipe, prompts, list(range(len(prompts))))
+    image_grid([images]).save(path)

@@ -1,0 +1,33 @@
+"""Shared fixtures, built once per session: imports of diffusers & co. cost seconds on 2 cores."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def base_pipe():
+    """The embedded base, loaded once. Tests that change it must restore it."""
+    from stylelora.base import load_base
+
+    return load_base()
+
+
+@pytest.fixture(scope="session")
+def tiny_random_pipe():
+    """A random-weight pipeline of the embedded architecture, for tests that need no training."""
+    from stylelora.world.models import make_text_encoder, make_unet, make_vae
+    from stylelora.world.pretrain import build_pipeline
+    from stylelora.world.tokenizer import build_tokenizer
+
+    torch.manual_seed(0)
+    tok = build_tokenizer()
+    pipe = build_pipeline(make_vae(), make_text_encoder(len(tok), tok.bos_token_id, tok.eos_token_id),
+                          tok, make_unet())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

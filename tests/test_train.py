@@ -1,0 +1,159 @@
+"""Training: config validation, a real short run on a tiny base, plain-diffusers loading, exact
+resume, and multi-process training under `accelerate launch`."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from stylelora.cli import main
+from stylelora.train import TrainConfig, load_toml, train
+from stylelora.world.render import render_batch, styled_caption
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"rank": 0}, "rank must be a positive integer, got 0"),
+    ({"lr": 0.0}, "learning rate must be positive, got 0.0"),
+    ({"resolution": 60}, "resolution must be a positive multiple of 8, got 60: try 64"),
+    ({"optimizer": "sgd"}, "optimizer 'sgd' unknown"),
+    ({"targets": "everything"}, "targets 'everything' unknown"),
+    ({"out": "adapter.pt"}, "out must end in .safetensors"),
+    ({"caption_dropout": 1.5}, "caption_dropout must be in"),
+])
+def test_config_rejects_bad_values(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(dataset="x", **kwargs)
+
+
+def test_toml_unknown_keys_are_named(tmp_path):
+    (tmp_path / "t.toml").write_text('rank = 8\nlearning_rate = 1e-3\nstpes = 5\n')
+    with pytest.raises(ValueError, match=r"unknown key\(s\) \['learning_rate', 'stpes'\]"):
+        load_toml(tmp_path / "t.toml")
+    (tmp_path / "ok.toml").write_text('[train]\nrank = 8\nlr = 2e-3\n')
+    assert load_toml(tmp_path / "ok.toml") == {"rank": 8, "lr": 2e-3}
+
+
+def test_cli_flags_override_toml_and_errors_are_one_line(tmp_path, capsys):
+    (tmp_path / "t.toml").write_text("rank = 0\n")
+    assert main(["train", str(tmp_path), "--config", str(tmp_path / "t.toml")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "rank must be a positive integer" in err and "Traceback" not in err
+
+
+# ----------------------------------------------------------------------------- real runs
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory, tiny_random_pipe):
+    path = tmp_path_factory.mktemp("tiny_base")
+    tiny_random_pipe.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def style_folder(tmp_path_factory):
+    path = tmp_path_factory.mktemp("outline")
+    for i, (scene, img) in enumerate(render_batch(12, 5, "flat", "outline")):
+        img.save(path / f"{i:03d}.png")
+        (path / f"{i:03d}.txt").write_text(styled_caption(scene, "flat", "outline"))
+    return path
+
+
+def _cfg(tiny_base, style_folder, out, **kw):
+    base = dict(dataset=str(style_folder), out=str(out), base=str(tiny_base), steps=12, batch_size=4,
+                rank=2, alpha=4.0, sample_every=0, checkpoint_every=0, progress=False, log_every=2,
+                device="cpu")
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _weights(path):
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+def test_training_writes_a_working_adapter(tiny_base, style_folder, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    from stylelora.adapters import load_adapter
+
+    out = train(_cfg(tiny_base, style_folder, tmp_path / "a.safetensors", sample_every=6))
+    adapter = load_adapter(out)
+    assert adapter.rank == 2 and adapter.alpha == 4.0
+    assert adapter.components == {"unet", "text_encoder"}
+    meta = adapter.metadata
+    assert json.loads(meta["stylelora.training"])["steps"] == 12
+    assert json.loads(meta["stylelora.dataset"])["n_images"] == 12
+    assert json.loads(meta["stylelora.trigger_words"]) == ["outline"]
+    assert any(layer.up.abs().sum() > 0 for layer in adapter.layers.values()), "training moved nothing"
+    run = tmp_path / "a.run"
+    rows = (run / "loss.csv").read_text().splitlines()
+    assert rows[0] == "step,loss,lr" and [int(r.split(",")[0]) for r in rows[1:]] == [2, 4, 6, 8, 10, 12]
+    assert (run / "loss.png").stat().st_size > 1000
+    assert sorted(p.name for p in (run / "samples").iterdir()) == ["step-000006.png", "step-000012.png"]
+
+    # Plain diffusers loads every trained layer with the same weights and scale.
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_base, safety_checker=None)
+    pipe.load_lora_weights(str(out), adapter_name="style")
+    loaded = {}
+    for comp in ("unet", "text_encoder"):
+        for name, module in getattr(pipe, comp).named_modules():
+            if hasattr(module, "lora_A") and "style" in module.lora_A:
+                loaded[f"{comp}.{name}"] = module
+    assert set(loaded) == set(adapter.layers)
+    for key, module in loaded.items():
+        assert torch.equal(module.lora_A["style"].weight, adapter.layers[key].down)
+        assert torch.equal(module.lora_B["style"].weight, adapter.layers[key].up)
+        assert module.scaling["style"] == pytest.approx(2.0)
+
+
+class Killed(Exception):
+    pass
+
+
+def test_resume_continues_exactly(tiny_base, style_folder, tmp_path, monkeypatch):
+    import stylelora.train as T
+
+    full = train(_cfg(tiny_base, style_folder, tmp_path / "full.safetensors", lora_dropout=0.1))
+    # The same run, killed right after writing its step-6 checkpoint, then resumed from it.
+    real_save = T.save_checkpoint
+
+    def save_then_die(*args, **kwargs):
+        real_save(*args, **kwargs)
+        raise Killed
+
+    monkeypatch.setattr(T, "save_checkpoint", save_then_die)
+    with pytest.raises(Killed):
+        train(_cfg(tiny_base, style_folder, tmp_path / "part.safetensors", lora_dropout=0.1, checkpoint_every=6))
+    monkeypatch.setattr(T, "save_checkpoint", real_save)
+    ckpt = tmp_path / "part.run" / "checkpoints" / "step-000006"
+    assert (ckpt / "state.json").is_file() and not list(ckpt.parent.glob("*.tmp"))
+    assert not (tmp_path / "part.safetensors").exists(), "no adapter may appear before training ends"
+    resumed = train(_cfg(tiny_base, style_folder, tmp_path / "part.safetensors", lora_dropout=0.1,
+                         resume=str(tmp_path / "part.run")))
+    a, b = _weights(full), _weights(resumed)
+    assert a.keys() == b.keys()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+
+
+@pytest.mark.slow
+def test_accelerate_launch_two_processes(tiny_base, style_folder, tmp_path):
+    out = tmp_path / "ddp.safetensors"
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--cpu",
+           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "-m", "stylelora.cli", "train", str(style_folder), "--out", str(out), "--base", str(tiny_base),
+           "--steps", "6", "--batch-size", "2", "--rank", "2", "--sample-every", "0",
+           "--checkpoint-every", "0", "--no-progress", "--device", "cpu"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1"}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    from stylelora.adapters import load_adapter
+
+    adapter = load_adapter(out)
+    assert adapter.rank == 2 and any(layer.up.abs().sum() > 0 for layer in adapter.layers.values())
