@@ -45,8 +45,8 @@ METADATA = "metadata.jsonl"
 MAX_PIXELS = 64_000_000  # below PIL's own bomb limit (~89 MP), so we decide first, per file
 MIN_SIDE = 8
 # Modes load_image turns into RGB; anything else (e.g. LAB) is skipped at discovery.
-MODES = frozenset("1 L LA La P PA RGB RGBA RGBa RGBX CMYK YCbCr HSV I I;16 I;16B I;16L I;16N F".split())
-_ALPHA_MODES = frozenset({"LA", "La", "PA", "RGBA", "RGBa"})
+MODES = frozenset("1 L LA P PA RGB RGBA RGBa RGBX CMYK YCbCr HSV I I;16 I;16B I;16L I;16N F".split())
+_ALPHA_MODES = frozenset({"LA", "PA", "RGBA", "RGBa"})
 _REPEAT_DIR = re.compile(r"(\d+)_(.+)")
 _ORIENTATION = 0x0112  # EXIF tag; values 5-8 mean the stored image is rotated a quarter turn
 
@@ -82,7 +82,7 @@ def discover(root: str | os.PathLike, caption_ext: str = ".txt") -> tuple[list[I
         raise ValueError(f"dataset {root} is a file, not a folder: pass the folder that holds the images")
     meta = _read_metadata(root / METADATA)
     items, skipped = [], []
-    rels = [p.relative_to(root).as_posix() for p in _image_files(root)]
+    rels = _image_files(root)
     for rel in rels:
         path = root / rel
         try:
@@ -92,26 +92,27 @@ def discover(root: str | os.PathLike, caption_ext: str = ".txt") -> tuple[list[I
             skipped.append((path, str(e)))
             continue
         items.append(Item(path, rel, caption, source, _repeats(rel), size))
-    for name, (_, line) in meta.items():
-        if name not in set(rels):
-            skipped.append((root / name, f"named on {METADATA} line {line} but not found among the images; "
-                                         "fix its file_name (relative to the dataset folder)"))
+    known = set(rels)
+    skipped += [(root / name, f"named on {METADATA} line {line} but not found among the images; fix its "
+                              "file_name (relative to the dataset folder)")
+                for name, (_, line) in meta.items() if name not in known]
     if not items:
         if not skipped:
             raise ValueError(f"no images in {root} (looked recursively for {', '.join(IMAGE_EXTS)}): add images "
                              f"with same-stem {caption_ext} captions")
-        why = "; ".join(f"{p.name}: {r}" for p, r in skipped[:3]) + ("; ..." if len(skipped) > 3 else "")
+        why = _first([f"{p.name}: {r.split(';')[0]}" for p, r in skipped])
         raise ValueError(f"no usable image in {root}: {len(skipped)} file(s) skipped ({why}); fix or replace them")
     return items, skipped
 
 
-def _image_files(root: Path) -> list[Path]:
+def _image_files(root: Path) -> list[str]:
+    """Relative posix paths of the image files under root, sorted."""
     found = []
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]  # .git, .ipynb_checkpoints, ...
-        found += [Path(dirpath, f) for f in filenames
+        found += [Path(dirpath, f).relative_to(root).as_posix() for f in filenames
                   if not f.startswith(".") and os.path.splitext(f)[1].lower() in IMAGE_EXTS]
-    return sorted(found, key=lambda p: p.relative_to(root).as_posix())
+    return sorted(found)
 
 
 def _read_metadata(path: Path) -> dict[str, tuple[str, int]]:
@@ -131,7 +132,7 @@ def _read_metadata(path: Path) -> dict[str, tuple[str, int]]:
         except json.JSONDecodeError as e:
             raise ValueError(f"{path} line {n} is not valid JSON ({e.msg}): write one object per line, "
                              'like {"file_name": "a.png", "text": "a caption"}') from None
-        if not (isinstance(row, dict) and isinstance(row.get("file_name"), str) and isinstance(row.get("text"), str)):
+        if not (isinstance(row, dict) and all(isinstance(row.get(k), str) for k in ("file_name", "text"))):
             raise ValueError(f'{path} line {n} needs string fields "file_name" and "text", '
                              'like {"file_name": "a.png", "text": "a caption"}')
         name = PurePosixPath(row["file_name"].replace("\\", "/")).as_posix()
@@ -268,16 +269,14 @@ def fit_to_bucket(img: Image.Image, size: tuple[int, int], rng: random.Random | 
         img = img.resize((nw, nh), Image.Resampling.LANCZOS if scale < 1 else Image.Resampling.BICUBIC)
     if (random_crop or flip) and rng is None:
         raise ValueError("random_crop/flip need an rng: pass random.Random(seed)")
-    left, top = (rng.randint(0, nw - bw), rng.randint(0, nh - bh)) if random_crop else ((nw - bw) // 2, (nh - bh) // 2)
+    if random_crop:
+        left, top = rng.randint(0, nw - bw), rng.randint(0, nh - bh)
+    else:
+        left, top = (nw - bw) // 2, (nh - bh) // 2
     img = img.crop((left, top, left + bw, top + bh))
     if flip and rng.random() < 0.5:
         img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     return img
-
-
-def to_tensor(img: Image.Image) -> torch.Tensor:
-    """RGB PIL image -> float (3, H, W) in [-1, 1], the VAE's input range."""
-    return torch.from_numpy(np.asarray(img, dtype=np.uint8).astype(np.float32)).permute(2, 0, 1) / 127.5 - 1.0
 
 
 # ----------------------------------------------------------------------------- captions
@@ -355,14 +354,14 @@ class CaptionFolder(Dataset):
     """Samples {"pixel_values", "caption", "index", "bucket"} from a folder (see the module docstring)."""
 
     def __init__(self, root: str | os.PathLike, resolution: int = 64, caption_ext: str = ".txt",
-                 captions: CaptionProcessor | None = None, bucket: bool = True, bucket_step: int = 8,
+                 captions: CaptionProcessor = CaptionProcessor(), bucket: bool = True, bucket_step: int = 8,
                  random_crop: bool = False, flip: bool = False, seed: int = 0):
         self.root = Path(root)
         self.items, self.skipped = discover(self.root, caption_ext)
-        self.captions = captions or CaptionProcessor()
-        self.buckets = make_buckets(resolution, bucket_step) if bucket else [(resolution, resolution)]
+        self.captions = captions  # frozen, so the shared default instance is safe
+        self.buckets = make_buckets(resolution, bucket_step)  # validates resolution even without buckets
         if not bucket:
-            make_buckets(resolution, bucket_step)  # same size validation either way
+            self.buckets = [(resolution, resolution)]
         self._item_bucket = [assign_bucket(*it.size, self.buckets) for it in self.items]
         self._samples = [k for k, it in enumerate(self.items) for _ in range(it.repeats)]  # sample -> item
         self.random_crop, self.flip, self.seed = random_crop, flip, seed
@@ -380,7 +379,8 @@ class CaptionFolder(Dataset):
         pix_rng = random.Random(f"{self.seed}/{self.epoch}/{i}/pixels")
         cap_rng = random.Random(f"{self.seed}/{self.epoch}/{i}/caption")
         img = fit_to_bucket(load_image(self.items[k].path), bucket, pix_rng, self.random_crop, self.flip)
-        return {"pixel_values": to_tensor(img), "caption": self.captions(self.items[k].caption, cap_rng),
+        pixels = torch.from_numpy(np.asarray(img, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1.0  # VAE range
+        return {"pixel_values": pixels, "caption": self.captions(self.items[k].caption, cap_rng),
                 "index": i, "bucket": bucket}
 
     def set_epoch(self, epoch: int) -> None:
@@ -420,19 +420,10 @@ class CaptionFolder(Dataset):
 
     def guess_triggers(self) -> list[str]:
         """Leading tags every captioned image shares (kohya's "trigger, caption"), e.g. ["outline"]."""
-        tag_lists = [split_tags(it.caption) for it in self.items if split_tags(it.caption)]
-        if not tag_lists:
-            return []
-        prefix = tag_lists[0]
-        for tags in tag_lists[1:]:
-            n = 0
-            while n < min(len(prefix), len(tags)) and prefix[n] == tags[n]:
-                n += 1
-            prefix = prefix[:n]
+        tag_lists = [split_tags(it.caption) for it in self.items if it.caption]
+        prefix = os.path.commonprefix(tag_lists) if tag_lists else []  # element-wise on lists
         # Identical captions (or a single image): the last shared tag describes, it does not trigger.
-        if all(len(tags) == len(prefix) for tags in tag_lists):
-            prefix = prefix[:-1]
-        return prefix
+        return prefix[:-1] if all(len(t) == len(prefix) for t in tag_lists) else prefix
 
 
 class BucketBatchSampler(Sampler[list[int]]):
