@@ -85,6 +85,115 @@ def cmd_export_base(args) -> None:
           f"--base-config <a diffusers folder of the same architecture>")
 
 
+# --- adapters: inspect, convert, merge, generate ------------------------------------------------
+
+def cmd_inspect(args) -> None:
+    import collections
+    import re
+
+    from .adapters import describe, load_adapter
+
+    info = describe(load_adapter(args.file))
+    info["file_bytes"] = Path(info["path"]).stat().st_size
+    if args.json:
+        print(json.dumps(info))
+        return
+    # Targets grouped by their repeated part (attn2.to_q x7) so SD-sized adapters stay readable.
+    groups = collections.Counter(re.sub(r"^([^.]+)\..*\.(transformer_blocks|layers)\.\d+\.", r"\1 ", key)
+                                 for key in info["targets"])
+    summary = lambda d: ", ".join(f"{k}={json.dumps(v)}" for k, v in d.items()) or "-"  # noqa: E731
+    print(f"file:           {info['path']} ({info['file_bytes']:,} bytes)\n"
+          f"format:         {info['format']} (version {info['format_version'] or '-'})\n"
+          f"rank / alpha:   {info['rank']} / {info['alpha']:g}\n"
+          f"targets:        {info['n_targets']} layers: "
+          + ", ".join(f"{k} x{n}" for k, n in groups.items()) + "\n"
+          f"base:           {info['base_name'] or '-'} (fingerprint {info['base_fingerprint'] or '-'})\n"
+          f"trigger words:  {', '.join(info['trigger_words']) or '-'}\n"
+          f"training:       {summary(info['training'])}\n"
+          f"dataset:        {summary(info['dataset'])}\n"
+          f"size:           {info['n_params']:,} parameters, {info['nbytes'] / 1e6:.2f} MB of tensors")
+
+
+def cmd_convert(args) -> None:
+    from .adapters import export_kohya, load_adapter, save_adapter
+
+    adapter = load_adapter(args.input)
+    path = (export_kohya if args.to == "kohya" else save_adapter)(adapter, args.out)
+    print(f"wrote {path}: {len(adapter.layers)} layers, {adapter.source_format} -> {args.to} keys")
+
+
+def _scaled_specs(specs: list[str]):
+    """--adapter PATH[:SCALE[:TE_SCALE]] values -> [(path, Scale)]."""
+    from .blend import Scale
+    from .evaluate import parse_adapter_spec
+
+    out = []
+    for spec in specs:
+        path, scale, te = parse_adapter_spec(spec)
+        out.append((Path(path), Scale(scale, scale if te is None else te)))
+    return out
+
+
+def cmd_merge(args) -> None:
+    from .adapters import load_adapter, save_adapter
+    from .blend import merge_adapters
+
+    items = [(load_adapter(path), scale) for path, scale in _scaled_specs(args.adapters)]
+    merged, rel = merge_adapters(items, rank=args.rank)
+    path = save_adapter(merged, args.out)
+    print(f"wrote {path}: {len(items)} adapters merged at rank {merged.rank} "
+          f"({len(merged.layers)} layers), relative error {rel:.3g}")
+
+
+def _size(text: str | None) -> tuple[int, int] | None:
+    import re
+
+    if text is None:
+        return None
+    m = re.fullmatch(r"(\d+)x(\d+)", text.strip().lower())
+    if not m or int(m[1]) % 8 or int(m[2]) % 8 or not int(m[1]) or not int(m[2]):
+        raise ValueError(f"bad --size {text!r}: give WIDTHxHEIGHT in multiples of 8, e.g. 64x64")
+    return int(m[1]), int(m[2])
+
+
+def _strengths(text: str) -> list[float]:
+    try:
+        return [float(s) for s in text.split(",")]
+    except ValueError:
+        raise ValueError(f"bad --sweep {text!r}: give comma-separated strengths, e.g. 0,0.5,1") from None
+
+
+def cmd_generate(args) -> None:
+    from .adapters import load_adapter
+    from .blend import AdapterStack, Scale, parse_prompt_loras
+
+    prompt, tagged = parse_prompt_loras(args.prompt, args.adapters_dir)
+    specs = _scaled_specs(args.adapter) + [(path, Scale(s, s)) for path, s in tagged]
+    size, strengths = _size(args.size), _strengths(args.sweep) if args.sweep else None
+    if strengths and not specs:
+        raise UserError("--sweep varies adapter strengths: add --adapter PATH or a <lora:NAME> tag")
+    adapters = [(path, load_adapter(path), scale) for path, scale in specs]  # bad files fail before the base loads
+    stack = AdapterStack(_load(args))
+    for path, adapter, scale in adapters:
+        name = path.stem
+        while name in stack.names:  # the same file twice: both count, as two entries
+            name += "+"
+        stack.add(name, adapter, scale)
+    gen = dict(negative=args.negative, seed=args.seed, steps=args.steps, guidance=args.guidance, size=size,
+               mode=args.mode, switch_every=args.switch_every)
+    if strengths:
+        from .grid import image_grid
+
+        image = image_grid(stack.sweep(prompt, strengths, **gen), row_labels=stack.names,
+                           col_labels=[f"{s:g}" for s in strengths])
+    else:
+        image = stack.generate(prompt, **gen)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    image.save(out)
+    print(f"wrote {out}" + (f" ({len(stack.names)} adapters x {len(strengths)} strengths)" if strengths else ""))
+
+
 def _add_config_flags(p: argparse.ArgumentParser, config_cls, skip=()) -> None:
     """One --flag per dataclass field (type from the annotation, help from the default), with
     default SUPPRESS so only flags the user typed override the TOML file and the defaults."""
@@ -122,6 +231,18 @@ def cmd_train(args) -> None:
     if not cfg.dataset:
         raise UserError("no dataset: give DATASET_DIR (or `dataset = ...` in the TOML file)")
     train(cfg)
+
+
+def cmd_ui(args) -> None:
+    root = Path(__file__).resolve().parents[1]
+    if (root / "ui" / "app.py").is_file() and str(root) not in sys.path:
+        sys.path.insert(0, str(root))  # ui/ sits beside the package in a source checkout
+    try:
+        from ui.app import serve
+    except ModuleNotFoundError as e:
+        raise UserError(f"the web UI needs ui/app.py of a stylelora checkout and gradio ({e})") from None
+    serve(args.adapters, args.base, host=args.host, port=args.port, auth=args.auth,
+          datasets_dir=args.datasets, base_config=args.base_config, device=args.device)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -176,6 +297,52 @@ def build_parser() -> argparse.ArgumentParser:
     _add_base(p)
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_export_base)
+
+    p = sub.add_parser("inspect", help="show an adapter file's rank, alpha, targets, base, trigger words, size")
+    p.add_argument("file")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_inspect)
+
+    p = sub.add_parser("convert", help="rewrite an adapter with kohya (A1111/ComfyUI) or diffusers keys")
+    p.add_argument("input")
+    p.add_argument("--to", required=True, choices=["kohya", "diffusers"])
+    p.add_argument("-o", "--out", required=True)
+    p.set_defaults(func=cmd_convert)
+
+    p = sub.add_parser("merge", help="merge scaled adapters into one (truncated SVD of the summed deltas)")
+    p.add_argument("adapters", nargs="+", metavar="PATH[:SCALE[:TE_SCALE]]")
+    p.add_argument("--rank", type=int, default=None, help="rank of the result (default: sum of ranks, exact)")
+    p.add_argument("-o", "--out", required=True)
+    p.set_defaults(func=cmd_merge)
+
+    p = sub.add_parser("generate", help="generate an image with a base and stacked adapters")
+    p.add_argument("prompt", help="the prompt; A1111 <lora:NAME:SCALE> tags load ADAPTERS_DIR/NAME.safetensors")
+    p.add_argument("--negative", default=None)
+    p.add_argument("--adapter", action="append", default=[], metavar="PATH[:SCALE[:TE_SCALE]]")
+    p.add_argument("--adapters-dir", default="adapters", help="where <lora:NAME> tags look (default: ./adapters)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=DEFAULT_STEPS)
+    p.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE)
+    p.add_argument("--size", default=None, metavar="WxH", help="default: the base's native size")
+    p.add_argument("--mode", default="merge", choices=["merge", "switch", "composite"],
+                   help="merge: fused weighted sum; switch: one adapter per step; composite: "
+                        "per-step average of each adapter's guided prediction")
+    p.add_argument("--switch-every", type=int, default=1, help="switch mode: steps per adapter")
+    p.add_argument("--sweep", default=None, metavar="S1,S2,...",
+                   help="write an adapters x strengths grid instead of one image")
+    _add_base(p)
+    p.add_argument("-o", "--out", required=True, help="output image (.png)")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("ui", help="web UI: generate with per-adapter sliders, train, manage adapters")
+    p.add_argument("--adapters", default="adapters", help="adapter folder (default: ./adapters)")
+    p.add_argument("--datasets", default="datasets", help="the Train tab's dataset folders (default: ./datasets)")
+    _add_base(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--auth", default=os.environ.get("STYLELORA_UI_AUTH"), metavar="USER:PASS",
+                   help="require this login (or set STYLELORA_UI_AUTH, which keeps it out of `ps`)")
+    p.set_defaults(func=cmd_ui)
     return parser
 
 

@@ -371,20 +371,30 @@ class CaptionFolder(Dataset):
         return len(self._samples)
 
     def __getitem__(self, i: int) -> dict:
+        return self.sample(i)
+
+    def sample(self, i: int, pixels: bool = True) -> dict:
+        """Sample i this epoch. pixels=False skips decoding the image (the trainer's latent cache
+        already holds it); "item" names the image, shared by all repeats of it."""
         if not 0 <= i < len(self):
             raise IndexError(f"sample {i} out of range: the dataset has {len(self)} samples")
         k = self._samples[i]
         bucket = self._item_bucket[k]
         # Separate streams, so turning flips on does not change which captions get shuffled how.
-        pix_rng = random.Random(f"{self.seed}/{self.epoch}/{i}/pixels")
         cap_rng = random.Random(f"{self.seed}/{self.epoch}/{i}/caption")
-        img = fit_to_bucket(load_image(self.items[k].path), bucket, pix_rng, self.random_crop, self.flip)
-        pixels = torch.from_numpy(np.asarray(img, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1.0  # VAE range
-        return {"pixel_values": pixels, "caption": self.captions(self.items[k].caption, cap_rng),
-                "index": i, "bucket": bucket}
+        out = {"caption": self.captions(self.items[k].caption, cap_rng), "index": i, "item": k, "bucket": bucket}
+        if pixels:
+            pix_rng = random.Random(f"{self.seed}/{self.epoch}/{i}/pixels")
+            img = fit_to_bucket(load_image(self.items[k].path), bucket, pix_rng, self.random_crop, self.flip)
+            out["pixel_values"] = torch.from_numpy(np.asarray(img, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1.0
+        return out
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+    def item_of(self, i: int) -> int:
+        """The image behind sample i (repeats of one image share it)."""
+        return self._samples[i]
 
     def bucket_of(self, i: int) -> tuple[int, int]:
         return self._item_bucket[self._samples[i]]

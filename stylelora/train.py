@@ -26,6 +26,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -250,8 +251,13 @@ def load_checkpoint(ckpt: Path, named_params, optimizer) -> int:
 
 # ----------------------------------------------------------------------------- the run
 
-def train(cfg: TrainConfig) -> Path:
-    """Train and write the adapter to cfg.out. Returns its path."""
+def train(cfg: TrainConfig, *, on_log: Callable[[dict], None] | None = None,
+          should_stop: Callable[[], bool] | None = None) -> Path:
+    """Train and write the adapter to cfg.out. Returns its path.
+
+    on_log(event) is called at every log step with {"step", "steps", "loss", "lr", "steps_per_s"}
+    and after every sample grid with {"step", "steps", "sample": path}; should_stop() is polled
+    once per step and ends the run early, writing the adapter as trained so far (a UI's Stop)."""
     from accelerate import Accelerator
     from tqdm.auto import tqdm
 
@@ -340,6 +346,7 @@ def train(cfg: TrainConfig) -> Path:
         if epoch not in epochs:
             epochs.clear()
             epochs[epoch] = sampler.batches(epoch)
+        data.set_epoch(epoch)  # new crops, flips and caption shuffles each epoch
         batches = epochs[epoch]
         return batches[(k * accel.num_processes + accel.process_index) % len(batches)]
 
@@ -357,7 +364,12 @@ def train(cfg: TrainConfig) -> Path:
     bar = tqdm(total=cfg.steps, initial=start, disable=not (cfg.progress and accel.is_main_process),
                desc="train", unit="step", dynamic_ncols=True)
     t0, recent = time.time(), []
+    done = start
     for step in range(start, cfg.steps):
+        if should_stop is not None and should_stop():
+            if accel.is_main_process:
+                print(f"stopped at step {done} of {cfg.steps}")
+            break
         for g in optimizer.param_groups:
             g["lr"] = g["base_lr"] * _lr_factor(cfg, step)
         for micro in range(cfg.grad_accum):
@@ -365,14 +377,16 @@ def train(cfg: TrainConfig) -> Path:
             # One seed per (run, step, micro-batch, process): resume replays the same draws.
             torch.manual_seed(_seed_for(cfg.seed, index, accel.process_index))
             gen = torch.Generator().manual_seed(_seed_for(cfg.seed, index, accel.process_index, "noise"))
-            items = [data[i] for i in batch_at(index)]
-            if cache_latents:
-                missing = [it for it in items if it["index"] not in latent_cache]
+            batch = batch_at(index)
+            if cache_latents:  # keyed by image: repeats share one latent, and cached images are not decoded
+                items = [data.sample(i, pixels=data.item_of(i) not in latent_cache) for i in batch]
+                missing = {it["item"]: it for it in items if "pixel_values" in it}
                 if missing:
-                    lat = encode_images(torch.stack([it["pixel_values"] for it in missing]))
-                    latent_cache.update({it["index"]: l.cpu() for it, l in zip(missing, lat)})
-                latents = torch.stack([latent_cache[it["index"]] for it in items]).to(dev)
+                    lat = encode_images(torch.stack([it["pixel_values"] for it in missing.values()]))
+                    latent_cache.update({k: l.cpu() for k, l in zip(missing, lat)})
+                latents = torch.stack([latent_cache[it["item"]] for it in items]).to(dev)
             else:
+                items = [data.sample(i) for i in batch]
                 latents = encode_images(torch.stack([it["pixel_values"] for it in items]))
             captions = [it["caption"] for it in items]
             if cache_text:
@@ -411,13 +425,19 @@ def train(cfg: TrainConfig) -> Path:
                 log_rows.append((done, mean, lr_now))
                 with log_path.open("a") as f:
                     f.write(f"{done},{mean:.6f},{lr_now:.3e}\n")
-                bar.set_postfix(loss=f"{mean:.4f}", sps=f"{(done - start) / (time.time() - t0):.1f}")
+                sps = (done - start) / (time.time() - t0)
+                bar.set_postfix(loss=f"{mean:.4f}", sps=f"{sps:.1f}")
+                if on_log is not None:
+                    on_log({"step": done, "steps": cfg.steps, "loss": mean, "lr": lr_now, "steps_per_s": sps})
         if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.steps:
             accel.wait_for_everyone()
             if accel.is_main_process:
                 save_checkpoint(run, done, named, optimizer, cfg)
         if accel.is_main_process and cfg.sample_every and (done % cfg.sample_every == 0 or done == cfg.steps):
-            _save_samples(pipe, accel, unet, te, prompts, run / "samples" / f"step-{done:06d}.png")
+            sample_path = run / "samples" / f"step-{done:06d}.png"
+            _save_samples(pipe, accel, unet, te, prompts, sample_path)
+            if on_log is not None:
+                on_log({"step": done, "steps": cfg.steps, "sample": str(sample_path)})
             unet.train()
             te.train(bool(t_targets))
     bar.close()
@@ -431,7 +451,8 @@ def train(cfg: TrainConfig) -> Path:
             "stylelora.base_name": base_name(cfg.base),
             "stylelora.base_fingerprint": fingerprint(pipe),
             "stylelora.trigger_words": json.dumps(triggers or data.guess_triggers()),
-            "stylelora.training": json.dumps({**cfg.summary(), "seconds": round(time.time() - t0, 1)}),
+            "stylelora.training": json.dumps({**cfg.summary(), "steps_done": done,
+                                              "seconds": round(time.time() - t0, 1)}),
             "stylelora.dataset": json.dumps(data.summary()),
         })
         out.parent.mkdir(parents=True, exist_ok=True)

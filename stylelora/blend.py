@@ -1,0 +1,359 @@
+"""Stack LoRA adapters on one base pipeline: scale them per adapter / component / UNet block, fuse
+them into the base weights, or compose them per denoising step; and merge several into one file.
+
+Merge mode writes, for every targeted layer, W = W0 + sum_i s_i * (alpha_i / r_i) * B_i @ A_i into
+the plain nn.Linear / Conv2d weight, so a blended pipeline costs exactly what the base costs (no
+PEFT wrappers in the forward pass). W0 is copied for targeted layers only; a layer is rewritten
+only when its list of (adapter, coefficient) terms changed, and adapters at scale 0 never enter
+that list, so loaded-but-inactive adapters cost nothing.
+
+switch / composite (Zhong et al. 2024, "Multi-LoRA Composition for Image Generation") intercept
+only the UNet call of the unchanged diffusers pipeline (its scheduler, guidance and decoding all
+stay its own): with one adapter they are the merge result bit for bit, and no denoising loop is
+copied here that could drift from diffusers.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import numbers
+import re
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+
+from .adapters import Adapter, LoraLayer, check_fits, load_adapter, resolve_module, stylelora_metadata
+
+BLOCKS = ("down", "mid", "up")
+MODES = ("merge", "switch", "composite")
+_BLOCK_OF = {"down_blocks": "down", "mid_block": "mid", "up_blocks": "up"}
+
+
+def block_of(key: str) -> str | None:
+    """'down' / 'mid' / 'up' for UNet layers inside those blocks, else None (conv_in, text encoder)."""
+    comp, _, module = key.partition(".")
+    return _BLOCK_OF.get(module.split(".")[0]) if comp == "unet" else None
+
+
+@dataclass
+class Scale:
+    """How strongly one adapter acts. A number s means Scale(unet=s, text_encoder=s); `blocks`
+    multiplies the UNet scale per block, e.g. {"up": 0.5}. Missing entries are 1."""
+
+    unet: float = 1.0
+    text_encoder: float = 1.0
+    blocks: dict[str, float] = field(default_factory=dict)
+
+    def __post_init__(self):
+        if unknown := set(self.blocks) - set(BLOCKS):
+            raise ValueError(f"unknown UNet block(s) {sorted(unknown)} in scales: use {list(BLOCKS)}")
+        self.unet, self.text_encoder = float(self.unet), float(self.text_encoder)
+        self.blocks = {b: float(v) for b, v in self.blocks.items()}
+        if not all(map(math.isfinite, (self.unet, self.text_encoder, *self.blocks.values()))):
+            raise ValueError(f"scales must be finite numbers, got {self}")
+
+    @classmethod
+    def parse(cls, value: Any) -> Scale:
+        if isinstance(value, Scale):
+            return value
+        if isinstance(value, numbers.Real) and not isinstance(value, bool):  # numpy scalars too
+            return cls(value, value)
+        if isinstance(value, Mapping) and not set(value) - {"unet", "text_encoder", "blocks"}:
+            return cls(value.get("unet", 1.0), value.get("text_encoder", 1.0), dict(value.get("blocks") or {}))
+        raise ValueError(f"bad adapter scale {value!r}: give a number or a dict with keys unet, "
+                         "text_encoder, blocks (e.g. {'unet': 1.0, 'text_encoder': 0.5, 'blocks': {'up': 0.5}})")
+
+    @property
+    def active(self) -> bool:
+        return self.unet != 0 or self.text_encoder != 0
+
+    def of(self, key: str) -> float:
+        """The scale of one layer (its component's scale times its block's multiplier)."""
+        if key.startswith("text_encoder."):
+            return self.text_encoder
+        return self.unet * self.blocks.get(block_of(key), 1.0)
+
+    def times(self, s: float) -> Scale:
+        return Scale(self.unet * s, self.text_encoder * s, dict(self.blocks))
+
+    def diffusers(self) -> dict[str, Any]:
+        """The same scales as one entry of diffusers' `set_adapters(names, weights)`. Note that
+        diffusers applies block scales to attention layers only; here they cover the whole block."""
+        unet = {b: self.unet * self.blocks.get(b, 1.0) for b in BLOCKS} if self.blocks else self.unet
+        return {"unet": unet, "text_encoder": self.text_encoder}
+
+
+@dataclass
+class _Loaded:
+    adapter: Adapter
+    # key -> (B (out, r), A (r, in*kh*kw), alpha / r): float32 on the weight's device, ready to fuse
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor, float]]
+
+
+Plan = dict[str, tuple[tuple[str, float], ...]]  # layer key -> ((adapter, scale * alpha / r), ...)
+
+
+class AdapterStack:
+    """Adapters on one pipeline, fused into its weights. All public methods hold `self.lock`, so a
+    generate(..., scales=...) applies its scales and generates with nothing interleaved: one stack
+    can serve many UI sessions. Outside a call the weights show the stored `scales`."""
+
+    def __init__(self, pipe):
+        self.pipe = pipe
+        self.lock = threading.Lock()
+        self.scales: dict[str, Scale] = {}
+        self._loaded: dict[str, _Loaded] = {}
+        self._modules: dict[str, torch.nn.Module] = {}
+        self._w0: dict[str, torch.Tensor] = {}  # copies of the base weights of targeted layers only
+        self._applied: Plan = {}  # what each layer holds now; layers at W0 are absent
+
+    @property
+    def names(self) -> list[str]:
+        return list(self._loaded)
+
+    def add(self, name: str, adapter: str | Path | Adapter, scale: Any = 1.0) -> Adapter:
+        """Load (or replace) adapter `name` at `scale`. Checks it fits the base first."""
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"adapter name must be a non-empty string, got {name!r}")
+        adapter = adapter if isinstance(adapter, Adapter) else load_adapter(adapter)
+        check_fits(adapter, self.pipe)
+        scale = Scale.parse(scale)
+        with self.lock:
+            if name in self._loaded:
+                self._remove(name)
+            factors = {}
+            for key, layer in adapter.layers.items():
+                if key not in self._modules:
+                    self._modules[key] = mod = resolve_module(self.pipe, key)
+                    self._w0[key] = mod.weight.detach().clone()
+                w = self._modules[key].weight
+                factors[key] = (layer.up.flatten(1).to(w.device, torch.float32),
+                                layer.down.flatten(1).to(w.device, torch.float32), layer.scale)
+            self._loaded[name] = _Loaded(adapter, factors)
+            self.scales[name] = scale
+            self._apply(self._plan(self.scales))
+        return adapter
+
+    def remove(self, name: str) -> None:
+        with self.lock:
+            self._check_names([name])
+            self._remove(name)
+
+    def set_scales(self, scales: Mapping[str, Any]) -> None:
+        """Change the named adapters' scales (others keep theirs) and rewrite the affected layers."""
+        with self.lock:
+            new = {**self.scales, **self._parse(scales)}
+            self._apply(self._plan(new))
+            self.scales = new
+
+    def reset(self) -> None:
+        """Unload every adapter; the base weights are copied back bit for bit."""
+        with self.lock:
+            self._apply({})
+            self.scales, self._loaded, self._modules, self._w0 = {}, {}, {}, {}
+
+    @torch.no_grad()
+    def generate(self, prompt: str, negative: str | None = None, seed: int = 0, steps: int | None = None,
+                 guidance: float | None = None, size: tuple[int, int] | None = None, mode: str = "merge",
+                 scales: Mapping[str, Any] | None = None, switch_every: int = 1, output_type: str = "pil"):
+        """One image. `scales`, if given, is complete for this call (adapters it does not name are
+        off) and is not stored. Seed s is torch.Generator('cpu').manual_seed(s), as in diffusers."""
+        from .evaluate import DEFAULT_GUIDANCE, DEFAULT_STEPS
+
+        if mode not in MODES:
+            raise ValueError(f"unknown mode {mode!r}: use one of {list(MODES)}")
+        if switch_every < 1:
+            raise ValueError(f"switch_every must be >= 1, got {switch_every}")
+        guidance = DEFAULT_GUIDANCE if guidance is None else guidance
+        width, height = size or (self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor,) * 2
+        kwargs = dict(num_inference_steps=steps or DEFAULT_STEPS, guidance_scale=guidance, width=width,
+                      height=height, generator=torch.Generator("cpu").manual_seed(seed), output_type=output_type)
+        with self.lock:
+            call = self.scales if scales is None else self._parse(scales)
+            active = [n for n in self._loaded if n in call and call[n].active]
+            try:
+                if mode == "merge" or not active:
+                    self._apply(self._plan(call))
+                    return self.pipe(prompt=prompt, negative_prompt=negative, **kwargs).images[0]
+                return self._compose(mode, active, call, prompt, negative, guidance, switch_every, kwargs)
+            finally:
+                self._apply(self._plan(self.scales))
+
+    def sweep(self, prompt: str, strengths: list[float], names: list[str] | None = None,
+              **gen) -> list[list]:
+        """Rows of images, one row per adapter, one column per strength: that adapter's scale times
+        the strength while the others keep theirs (A1111's X/Y plot of a LoRA weight)."""
+        with self.lock:
+            base = dict(self.scales)
+            self._check_names(names or [])
+        return [[self.generate(prompt, scales={**base, n: base[n].times(s)}, **gen) for s in strengths]
+                for n in names or list(base)]
+
+    # --- internals (caller holds the lock) -------------------------------------------------
+
+    def _check_names(self, names) -> None:
+        if unknown := [n for n in names if n not in self._loaded]:
+            raise ValueError(f"no adapter named {unknown[0]!r} in the stack (loaded: {self.names or 'none'})")
+
+    def _parse(self, scales: Mapping[str, Any]) -> dict[str, Scale]:
+        self._check_names(list(scales))
+        return {n: Scale.parse(v) for n, v in scales.items()}
+
+    def _remove(self, name: str) -> None:
+        gone = self._loaded.pop(name)
+        del self.scales[name]
+        self._apply(self._plan(self.scales))
+        for key in gone.factors:  # layers no other adapter targets are back at W0: drop their copies
+            if not any(key in other.factors for other in self._loaded.values()):
+                del self._modules[key], self._w0[key]
+
+    def _plan(self, scales: Mapping[str, Scale]) -> Plan:
+        """The terms of every layer for these scales. Only active adapters' layers are visited."""
+        plan: dict[str, list] = {}
+        for name in self._loaded:  # load order, so equal scales always give equal plans
+            if name in scales and scales[name].active:
+                for key, (_, _, alpha_over_r) in self._loaded[name].factors.items():
+                    if s := scales[name].of(key):
+                        plan.setdefault(key, []).append((name, s * alpha_over_r))
+        return {k: tuple(v) for k, v in plan.items()}
+
+    def _apply(self, plan: Plan, prefix: str = "") -> None:
+        """Bring the layers (those whose key starts with `prefix`) to `plan`, rewriting only changes."""
+        for key in dict.fromkeys([*plan, *self._applied]):
+            terms = plan.get(key, ())
+            if key.startswith(prefix) and self._applied.get(key, ()) != terms:
+                self._write(key, terms)
+
+    @torch.no_grad()
+    def _write(self, key: str, terms: tuple[tuple[str, float], ...]) -> None:
+        weight, w0 = self._modules[key].weight, self._w0[key]
+        if not terms:
+            weight.copy_(w0)
+            self._applied.pop(key, None)
+            return
+        ups = [self._loaded[n].factors[key][0] * c for n, c in terms]  # (out, r_i) each
+        downs = [self._loaded[n].factors[key][1] for n, _ in terms]  # (r_i, in) each
+        # One (out, sum r) @ (sum r, in) product in float32, then cast to the weight's dtype.
+        new = (w0.float() + (torch.cat(ups, 1) @ torch.cat(downs, 0)).view(w0.shape)).to(weight.dtype)
+        if not torch.isfinite(new).all():
+            raise ValueError(f"blending {[n for n, _ in terms]} into {key} gives NaN/inf in "
+                             f"{weight.dtype}: lower the scales")
+        weight.copy_(new)
+        self._applied[key] = terms
+
+    def _compose(self, mode, active, call, prompt, negative, guidance, switch_every, kwargs):
+        """switch: one adapter per UNet call, rotating every `switch_every` steps. composite: every
+        adapter's prediction each step, weighted by UNet scales / their sum; the pipeline's CFG is
+        linear, so this equals weighting the guided predictions. The text encoder is run once per
+        adapter with that adapter alone fused, and each UNet call gets its adapter's embeddings."""
+        pipe, unet = self.pipe, self.pipe.unet
+        plans = {n: self._plan({n: call[n]}) for n in active}
+        cfg = guidance > 1 and unet.config.time_cond_proj_dim is None  # as the pipeline decides
+        embeds = {}
+        for n in active:
+            self._apply(plans[n], prefix="text_encoder.")
+            pos, neg = pipe.encode_prompt(prompt, pipe._execution_device, 1, cfg, negative)
+            embeds[n] = (pos, neg)
+        total = sum(call[n].unet for n in active)
+        if mode == "composite" and total == 0:
+            raise ValueError("composite mode weights adapters by their UNet scales, which sum to 0 here")
+        forward, calls = unet.forward, itertools.count()
+
+        def hooked(sample, timestep, encoder_hidden_states=None, *args, **kw):
+            kw["return_dict"] = False
+            chosen = [active[next(calls) // switch_every % len(active)]] if mode == "switch" else active
+            out = None
+            for n in chosen:
+                self._apply(plans[n], prefix="unet.")
+                pos, neg = embeds[n]
+                eps = forward(sample, timestep, torch.cat([neg, pos]) if cfg else pos, *args, **kw)[0]
+                if mode == "composite":  # a lone adapter is weighted 1.0 exactly: merge, bit for bit
+                    eps = eps * (call[n].unet / total)
+                out = eps if out is None else out + eps
+            return (out,)
+
+        unet.forward = hooked  # an instance attribute shadows the method for this call only
+        try:
+            pos, neg = embeds[active[0]]
+            return pipe(prompt_embeds=pos, negative_prompt_embeds=neg, **kwargs).images[0]
+        finally:
+            del unet.forward
+
+
+# --- merging many adapters into one -------------------------------------------------------
+
+def merge_adapters(items: list[tuple[Adapter, Any]], rank: int | None = None) -> tuple[Adapter, float]:
+    """One adapter whose layers approximate sum_i scale_i * delta_i at `rank` (default: the sum of
+    the ranks, which is exact). Returns it (alpha = rank, so scale 1 is the sum) and the relative
+    Frobenius error over all layers. The truncated SVD is taken of a small core, not of the full
+    delta: with B = Qb Rb and A^T = Qa Ra, B A = Qb (Rb Ra^T) Qa^T, and only Rb Ra^T is decomposed."""
+    if rank is not None and rank < 1:
+        raise ValueError(f"rank must be a positive integer, got {rank}")
+    if not items:
+        raise ValueError("nothing to merge: give at least one adapter")
+    scales = [Scale.parse(s) for _, s in items]
+    layers, err2, norm2 = {}, 0.0, 0.0
+    for key in dict.fromkeys(k for ad, _ in items for k in ad.layers):
+        pairs = [(ad.layers[key], s.of(key)) for (ad, _), s in zip(items, scales) if key in ad.layers and s.of(key)]
+        if not pairs:
+            continue
+        first: LoraLayer = pairs[0][0]
+        b = torch.cat([lay.up.flatten(1).double() * (s * lay.scale) for lay, s in pairs], 1)  # (out, R)
+        a = torch.cat([lay.down.flatten(1).double() for lay, _ in pairs], 0)  # (R, in)
+        qb, rb = torch.linalg.qr(b)
+        qa, ra = torch.linalg.qr(a.T)
+        u, sv, vh = torch.linalg.svd(rb @ ra.T)
+        r = min(rank or b.shape[1], len(sv))
+        root = sv[:r].sqrt()
+        up, down = ((qb @ u[:, :r]) * root).float(), (root[:, None] * (vh[:r] @ qa.T)).float()
+        exact = b @ a
+        err2 += float((up.double() @ down.double() - exact).pow(2).sum())
+        norm2 += float(exact.pow(2).sum())
+        layers[key] = LoraLayer(down.reshape(r, *first.down.shape[1:]).contiguous(),
+                                up.reshape(up.shape[0], r, *first.up.shape[2:]).contiguous(), alpha=r)
+    if not layers:
+        raise ValueError("every scale is 0: the merged adapter would be empty")
+    metas = [ad.metadata for ad, _ in items]
+    common = lambda k: metas[0].get(k) if len({m.get(k) for m in metas}) == 1 else None  # noqa: E731
+    triggers = list(dict.fromkeys(w for ad, _ in items for w in ad.trigger_words))
+    rel = math.sqrt(err2 / norm2) if norm2 else 0.0
+    sources = [{"file": ad.path.name if ad.path else None, "unet": s.unet, "text_encoder": s.text_encoder,
+                **({"blocks": s.blocks} if s.blocks else {})} for (ad, _), s in zip(items, scales)]
+    meta = stylelora_metadata(base_name=common("stylelora.base_name"),
+                              base_fingerprint=common("stylelora.base_fingerprint"), trigger_words=triggers,
+                              training={"merged_from": sources, "rank": rank or "sum", "relative_error": rel})
+    return Adapter(layers=layers, metadata=meta), rel
+
+
+# --- A1111 prompt syntax --------------------------------------------------------------------
+
+_TAG = re.compile(r"<lora:([^<>]*)>")
+
+
+def parse_prompt_loras(prompt: str, adapters_dir: str | Path = "adapters") -> tuple[str, list[tuple[Path, float]]]:
+    """Strip A1111 `<lora:NAME>` / `<lora:NAME:SCALE>` tags from a prompt; NAME is
+    ADAPTERS_DIR/NAME.safetensors. Returns the clean prompt and (path, scale) per tag."""
+    found = []
+    for body in _TAG.findall(prompt):
+        name, _, scale = body.partition(":")
+        try:
+            value = float(scale) if scale else 1.0
+        except ValueError:
+            value = None
+        if not name or value is None or not math.isfinite(value) or "/" in name or "\\" in name:
+            raise ValueError(f"malformed prompt tag <lora:{body}>: use <lora:NAME> or <lora:NAME:SCALE> "
+                             f"with NAME a file stem in {adapters_dir} (e.g. <lora:pastel:0.8>)")
+        path = Path(adapters_dir) / f"{name}.safetensors"
+        if not path.is_file():
+            have = sorted(p.stem for p in Path(adapters_dir).glob("*.safetensors"))
+            raise FileNotFoundError(f"<lora:{body}>: no {path} (adapters in {adapters_dir}: "
+                                    f"{', '.join(have) or 'none'}); pass --adapters-dir DIR")
+        found.append((path, value))
+    clean = _TAG.sub("", prompt)
+    if "<lora:" in clean:
+        raise ValueError(f"unclosed <lora:...> tag in prompt {prompt!r}: write <lora:NAME:SCALE>")
+    return " ".join(clean.replace(" ,", ",").split()).strip(" ,"), found

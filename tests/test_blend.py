@@ -1,0 +1,273 @@
+"""stylelora.blend: fused blending checked against plain diffusers (load_lora_weights +
+set_adapters) as the oracle, exact restores, switch/composite, SVD merge, prompt tags.
+
+Runs on a random-weight pipeline of the embedded architecture with random LoRA adapters."""
+
+from __future__ import annotations
+
+import copy
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from stylelora.adapters import Adapter, LoraLayer, resolve_module, save_adapter
+from stylelora.blend import AdapterStack, Scale, block_of, merge_adapters, parse_prompt_loras
+from stylelora.lora import find_targets
+
+PROMPT = "a red star on a white background"
+GEN = dict(steps=4, guidance=5.0, seed=3, output_type="np")
+
+
+@pytest.fixture(scope="module")
+def pipe(tiny_random_pipe):
+    return copy.deepcopy(tiny_random_pipe)  # the stack writes weights, diffusers injects PEFT layers
+
+
+@pytest.fixture
+def stack(pipe):
+    s = AdapterStack(pipe)
+    yield s
+    s.reset()
+
+
+def keys(pipe, unet_pattern, te_pattern=None):
+    out = ["unet." + n for n in find_targets(pipe.unet, unet_pattern)]
+    return out + (["text_encoder." + n for n in find_targets(pipe.text_encoder, te_pattern)] if te_pattern else [])
+
+
+def rand_adapter(pipe, layer_keys, rank, alpha, seed) -> Adapter:
+    """Deltas of about the base weights' size, so every adapter visibly changes the image."""
+    g = torch.Generator().manual_seed(seed)
+    layers = {}
+    for key in layer_keys:
+        out, inp = resolve_module(pipe, key).weight.shape
+        layers[key] = LoraLayer(torch.randn(rank, inp, generator=g) / inp ** 0.5,
+                                torch.randn(out, rank, generator=g) * (rank / alpha) * 0.6 / rank ** 0.5, alpha)
+    return Adapter(layers=layers)
+
+
+@pytest.fixture(scope="module")
+def adapters(pipe):
+    """pastel: cross-attention + text encoder, rank 4; ink: self-attention, rank 2 with alpha 4 (scale 2)."""
+    return {"pastel": rand_adapter(pipe, keys(pipe, r"attn2\.(to_q|to_k|to_v|to_out\.0)", r"self_attn\.(q|v)_proj"), 4, 4.0, 1),
+            "ink": rand_adapter(pipe, keys(pipe, r"attn1\.(to_q|to_v|to_out\.0)"), 2, 4.0, 2)}
+
+
+def base_image(pipe, **gen):
+    gen = {**GEN, **gen}
+    return pipe(PROMPT, num_inference_steps=gen["steps"], guidance_scale=gen["guidance"], output_type="np",
+                generator=torch.Generator("cpu").manual_seed(gen["seed"])).images[0]
+
+
+def diffusers_image(pipe, tmp_path, named: dict[str, tuple[Adapter, object]]):
+    """The oracle: the same adapters through plain diffusers, unfused PEFT layers."""
+    for name, (ad, _) in named.items():
+        pipe.load_lora_weights(str(save_adapter(ad, tmp_path / f"{name}.safetensors")), adapter_name=name)
+    try:
+        pipe.set_adapters(list(named), [Scale.parse(s).diffusers() for _, s in named.values()])
+        return base_image(pipe)
+    finally:
+        pipe.unload_lora_weights()
+
+
+def weights(pipe):
+    return {f"{c}.{k}": v.clone() for c in ("unet", "text_encoder") for k, v in getattr(pipe, c).state_dict().items()}
+
+
+def test_scale_parsing():
+    assert Scale.parse(0.5) == Scale(0.5, 0.5)
+    s = Scale.parse({"text_encoder": 0.25, "blocks": {"up": 0.5}})
+    assert (s.unet, s.text_encoder, s.blocks) == (1.0, 0.25, {"up": 0.5})
+    assert s.of("unet.up_blocks.1.attentions.0.x") == 0.5 and s.of("unet.mid_block.x") == 1.0
+    assert s.of("text_encoder.encoder.layers.0.x") == 0.25
+    assert s.diffusers() == {"unet": {"down": 1.0, "mid": 1.0, "up": 0.5}, "text_encoder": 0.25}
+    assert [block_of(k) for k in ("unet.down_blocks.0.a", "unet.mid_block.a", "unet.up_blocks.1.a",
+                                  "unet.conv_in", "text_encoder.encoder.layers.0.a")] == ["down", "mid", "up", None, None]
+    with pytest.raises(ValueError, match=r"unknown UNet block\(s\) \['middle'\]"):
+        Scale.parse({"blocks": {"middle": 1}})
+    with pytest.raises(ValueError, match="bad adapter scale"):
+        Scale.parse({"te": 1})
+    with pytest.raises(ValueError, match="finite"):
+        Scale.parse(float("nan"))
+
+
+def test_two_adapters_match_diffusers(stack, pipe, adapters, tmp_path):
+    base = base_image(pipe)
+    stack.add("pastel", adapters["pastel"], 0.8)
+    stack.add("ink", adapters["ink"], -0.6)
+    ours = stack.generate(PROMPT, **GEN)
+    assert ours.dtype == np.float32 and ours.shape == (64, 64, 3)
+    only_p = stack.generate(PROMPT, scales={"pastel": 0.8}, **GEN)
+    only_q = stack.generate(PROMPT, scales={"ink": -0.6}, **GEN)
+    for img in (ours, only_p, only_q):  # every adapter changes the picture, and they combine
+        assert np.abs(img - base).max() > 0.02
+    assert np.abs(ours - only_p).max() > 0.02 and np.abs(ours - only_q).max() > 0.02
+    stack.reset()
+    oracle = diffusers_image(pipe, tmp_path, {"pastel": (adapters["pastel"], 0.8), "ink": (adapters["ink"], -0.6)})
+    assert np.abs(ours - oracle).max() <= 1e-4
+
+
+def test_component_and_block_scales_match_diffusers(stack, pipe, adapters, tmp_path):
+    split = {"unet": 1.0, "text_encoder": 0.5, "blocks": {"down": 1.0, "mid": 0.3, "up": 0.5}}
+    stack.add("pastel", adapters["pastel"])
+    stack.add("ink", adapters["ink"])
+    stack.set_scales({"pastel": split, "ink": 0.7})
+    ours = stack.generate(PROMPT, **GEN)
+    assert np.abs(ours - stack.generate(PROMPT, scales={"pastel": 1.0, "ink": 0.7}, **GEN)).max() > 0.05
+    stack.reset()
+    oracle = diffusers_image(pipe, tmp_path, {"pastel": (adapters["pastel"], split), "ink": (adapters["ink"], 0.7)})
+    assert np.abs(ours - oracle).max() <= 1e-4
+
+
+def test_zero_scales_remove_and_reset_restore_the_base_bit_for_bit(stack, pipe, adapters):
+    before, base = weights(pipe), base_image(pipe)
+    stack.add("pastel", adapters["pastel"], 1.0)
+    stack.add("ink", adapters["ink"], 0.5)
+    changed = [k for k, v in weights(pipe).items() if not torch.equal(v, before[k])]
+    assert len(changed) == len(adapters["pastel"].layers) + len(adapters["ink"].layers) == 32 + 21
+    stack.set_scales({"pastel": 0, "ink": {"unet": 0, "text_encoder": 0}})
+    assert np.array_equal(stack.generate(PROMPT, **GEN), base)
+    assert all(torch.equal(v, before[k]) for k, v in weights(pipe).items())
+    stack.set_scales({"pastel": 1.0, "ink": 0.5})
+    stack.remove("pastel")
+    assert stack.names == ["ink"] and len(stack._w0) == 21  # W0 kept for targeted layers only
+    stack.reset()
+    assert stack.names == [] and stack._w0 == {}
+    assert all(torch.equal(v, before[k]) for k, v in weights(pipe).items())
+    assert np.array_equal(base_image(pipe), base)
+
+
+def test_only_changed_layers_are_rewritten_and_inactive_adapters_cost_nothing(stack, pipe, adapters, monkeypatch):
+    written = []
+    real = AdapterStack._write
+    monkeypatch.setattr(AdapterStack, "_write", lambda self, key, terms: (written.append(key), real(self, key, terms)))
+    stack.add("pastel", adapters["pastel"], 1.0)
+    assert len(written) == 32
+    for i in range(8):  # loaded but inactive: no layer touched when added, none when others change
+        stack.add(f"idle{i}", rand_adapter(pipe, list(adapters["pastel"].layers), 4, 4.0, 10 + i), 0.0)
+    assert len(written) == 32
+    written.clear()
+    stack.set_scales({"pastel": 1.0, "idle3": 0.0})
+    assert written == []
+    stack.set_scales({"pastel": {"unet": 1.0, "text_encoder": 0.5}})  # only the 4 text-encoder layers change
+    assert sorted(written) == sorted(k for k in adapters["pastel"].layers if k.startswith("text_encoder."))
+    written.clear()
+    stack.set_scales({"pastel": {"unet": 1.0, "text_encoder": 0.5, "blocks": {"mid": 2.0}}})
+    assert len(written) == 4 and all(block_of(k) == "mid" for k in written)
+    written.clear()
+    with pytest.raises(ValueError, match=r"no adapter named 'nope' in the stack"):
+        stack.set_scales({"nope": 1.0})
+    assert written == [] and stack.scales["pastel"].blocks == {"mid": 2.0}
+
+
+def test_switch_and_composite(stack, adapters):
+    stack.add("pastel", adapters["pastel"], 0.7)
+    merge = stack.generate(PROMPT, **GEN)
+    for mode in ("switch", "composite"):  # one adapter: the merge result
+        assert np.abs(stack.generate(PROMPT, mode=mode, **GEN) - merge).max() <= 1e-4
+    stack.add("ink", adapters["ink"], 0.5)
+    merge = stack.generate(PROMPT, **GEN)
+    switch = stack.generate(PROMPT, mode="switch", **GEN)
+    composite = stack.generate(PROMPT, mode="composite", **GEN)
+    assert np.abs(switch - merge).max() > 0.05 and np.abs(composite - merge).max() > 0.05
+    assert np.abs(switch - composite).max() > 0.05
+    assert np.array_equal(stack.generate(PROMPT, mode="switch", **GEN), switch)
+    assert np.array_equal(stack.generate(PROMPT, mode="composite", **GEN), composite)
+    assert np.abs(stack.generate(PROMPT, mode="switch", switch_every=2, **GEN) - switch).max() > 0.01
+    assert np.array_equal(stack.generate(PROMPT, **GEN), merge)  # modes leave the fused state as stored
+    with pytest.raises(ValueError, match="unknown mode 'mix'"):
+        stack.generate(PROMPT, mode="mix")
+
+
+def test_concurrent_generate_with_scales_has_no_cross_talk(stack, adapters):
+    stack.add("pastel", adapters["pastel"])
+    stack.add("ink", adapters["ink"])
+    jobs = [{"pastel": 1.0}, {"ink": 0.8}, {"pastel": 0.3, "ink": {"unet": 1.0, "text_encoder": 0.0}}]
+    expected = [stack.generate(PROMPT, scales=s, **GEN) for s in jobs]
+    got, errors = {}, []
+
+    def worker(i):
+        try:
+            for _ in range(2):
+                got.setdefault(i, []).append(stack.generate(PROMPT, scales=jobs[i], **GEN))
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(jobs))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    for i, images in got.items():
+        assert len(images) == 2 and all(np.array_equal(img, expected[i]) for img in images)
+    assert stack.scales == {"pastel": Scale(1.0, 1.0), "ink": Scale(1.0, 1.0)}  # per-call scales are not stored
+
+
+def test_svd_merge_exact_at_full_rank_and_truncates_below(stack, pipe, adapters):
+    items = [(adapters["pastel"], 0.7), (adapters["ink"], {"unet": 0.3, "text_encoder": 0.0})]
+    merged, rel = merge_adapters(items, rank=None)
+    assert rel < 1e-5
+    assert len(merged.layers) == 32 + 21 and merged.rank == 4  # pastel and ink touch disjoint layers: ranks 4 and 2
+    for key, layer in merged.layers.items():
+        want = sum(s.of(key) * ad.layers[key].delta() for ad, s in ((a, Scale.parse(s)) for a, s in items)
+                   if key in ad.layers)
+        assert layer.alpha == layer.rank and torch.allclose(layer.delta(), want, atol=1e-5, rtol=0)
+    overlap = [(adapters["pastel"], 0.7), (rand_adapter(pipe, list(adapters["pastel"].layers), 4, 4.0, 5), 0.3)]
+    full, rel_full = merge_adapters(overlap)
+    low, rel_low = merge_adapters(overlap, rank=2)
+    assert full.rank == 8 and rel_full < 1e-5
+    assert low.rank == 2 and 0.3 < rel_low < 0.9
+    stack.add("a", overlap[0][0], 0.7)
+    stack.add("b", overlap[1][0], 0.3)
+    both = stack.generate(PROMPT, **GEN)
+    stack.reset()
+    stack.add("m", full)
+    assert np.abs(stack.generate(PROMPT, **GEN) - both).max() <= 1e-4
+    with pytest.raises(ValueError, match="every scale is 0"):
+        merge_adapters([(adapters["pastel"], 0.0)])
+
+
+def test_prompt_lora_tags(tmp_path, adapters):
+    save_adapter(adapters["pastel"], tmp_path / "pastel.safetensors")
+    save_adapter(adapters["ink"], tmp_path / "ink.safetensors")
+    clean, found = parse_prompt_loras("<lora:pastel:0.8> a red star, <lora:ink> on white <lora:pastel:-1.5>", tmp_path)
+    assert clean == "a red star, on white"
+    assert found == [(tmp_path / "pastel.safetensors", 0.8), (tmp_path / "ink.safetensors", 1.0),
+                     (tmp_path / "pastel.safetensors", -1.5)]
+    assert parse_prompt_loras("a star, <lora:ink:0.5>", tmp_path) == ("a star", [(tmp_path / "ink.safetensors", 0.5)])
+    for bad in ("<lora:pastel:strong>", "<lora:>", "<lora::1>", "<lora:../x:1>", "a <lora:pastel:1"):
+        with pytest.raises(ValueError, match="malformed prompt tag|unclosed <lora"):
+            parse_prompt_loras(bad, tmp_path)
+    with pytest.raises(FileNotFoundError, match=r"no .*missing\.safetensors \(adapters in .*: ink, pastel\)"):
+        parse_prompt_loras("<lora:missing:1>", tmp_path)
+
+
+def test_conv_layers_match_diffusers(stack, pipe, tmp_path):
+    g = torch.Generator().manual_seed(7)
+    layers = {}
+    for key in ("unet.down_blocks.0.resnets.0.conv1", "unet.up_blocks.1.resnets.1.conv2"):
+        out, inp, kh, kw = resolve_module(pipe, key).weight.shape
+        layers[key] = LoraLayer(torch.randn(4, inp, kh, kw, generator=g) / (inp * kh * kw) ** 0.5,
+                                torch.randn(out, 4, 1, 1, generator=g) * 0.4, 8.0)
+    conv = Adapter(layers=layers)
+    stack.add("conv", conv, 0.9)
+    ours = stack.generate(PROMPT, **GEN)
+    stack.reset()
+    assert np.abs(ours - base_image(pipe)).max() > 0.02
+    assert np.abs(ours - diffusers_image(pipe, tmp_path, {"conv": (conv, 0.9)})).max() <= 1e-4
+
+
+def test_half_precision_weights_are_blended_in_float32(tiny_random_pipe, adapters):
+    half = copy.deepcopy(tiny_random_pipe).to(dtype=torch.bfloat16)
+    stack = AdapterStack(half)
+    key = next(iter(adapters["pastel"].layers))
+    w0 = resolve_module(half, key).weight.detach().clone()
+    stack.add("pastel", adapters["pastel"], 0.5)
+    weight = resolve_module(half, key).weight
+    assert weight.dtype == torch.bfloat16
+    assert torch.equal(weight, (w0.float() + 0.5 * adapters["pastel"].layers[key].delta()).to(torch.bfloat16))
+    stack.reset()
+    assert torch.equal(resolve_module(half, key).weight, w0)

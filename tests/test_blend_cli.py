@@ -1,0 +1,127 @@
+"""CLI for adapters: inspect, convert (round trip), merge, generate (specs, <lora:> tags, sweep,
+errors). A random-weight tiny base is saved once as a diffusers folder and passed as --base."""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from stylelora.adapters import describe, load_adapter, save_adapter, stylelora_metadata
+from stylelora.blend import AdapterStack
+from stylelora.cli import main
+
+from test_blend import keys, rand_adapter
+
+PROMPT = "a red star on a white background"
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory, tiny_random_pipe):
+    root = tmp_path_factory.mktemp("cli")
+    tiny_random_pipe.save_pretrained(root / "base")
+    pipe = tiny_random_pipe
+    pastel = rand_adapter(pipe, keys(pipe, r"attn2\.(to_q|to_k|to_v|to_out\.0)", r"self_attn\.(q|v)_proj"), 4, 4.0, 1)
+    pastel.metadata = stylelora_metadata(base_name="tiny-random", base_fingerprint="0123abcd",
+                                         trigger_words=["pastelstyle"], training={"steps": 300, "lr": 0.001})
+    ink = rand_adapter(pipe, keys(pipe, r"attn2\.(to_q|to_v)"), 2, 1.0, 2)
+    (root / "adapters").mkdir()
+    return {"root": root, "base": str(root / "base"),
+            "pastel": save_adapter(pastel, root / "adapters" / "pastel.safetensors"),
+            "ink": save_adapter(ink, root / "adapters" / "ink.safetensors")}
+
+
+def run(capsys, *argv):
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_inspect(files, capsys):
+    code, out, _ = run(capsys, "inspect", files["pastel"])
+    assert code == 0
+    lines = dict(line.split(":", 1) for line in out.strip().splitlines())
+    assert lines["format"].strip() == "stylelora (version 1)"
+    assert lines["rank / alpha"].strip() == "4 / 4"
+    assert lines["targets"].strip() == ("32 layers: unet attn2.to_q x7, unet attn2.to_k x7, unet attn2.to_v x7, "
+                                        "unet attn2.to_out.0 x7, text_encoder self_attn.v_proj x2, "
+                                        "text_encoder self_attn.q_proj x2")
+    assert lines["base"].strip() == "tiny-random (fingerprint 0123abcd)"
+    assert lines["trigger words"].strip() == "pastelstyle"
+    assert lines["training"].strip() == "lr=0.001, steps=300"
+    assert re.fullmatch(r" +[\d,]+ parameters, \d+\.\d\d MB of tensors", lines["size"])
+    code, out, _ = run(capsys, "inspect", files["pastel"], "--json")
+    info = json.loads(out)
+    assert info == {**describe(load_adapter(files["pastel"])), "file_bytes": files["pastel"].stat().st_size}
+
+
+def test_convert_round_trip(files, capsys, tmp_path):
+    code, out, _ = run(capsys, "convert", files["pastel"], "--to", "kohya", "-o", tmp_path / "k.safetensors")
+    assert code == 0 and "32 layers, stylelora -> kohya keys" in out
+    kohya = load_adapter(tmp_path / "k.safetensors")
+    assert kohya.source_format == "kohya"
+    assert run(capsys, "convert", tmp_path / "k.safetensors", "--to", "diffusers", "-o", tmp_path / "d.safetensors")[0] == 0
+    back, orig = load_adapter(tmp_path / "d.safetensors"), load_adapter(files["pastel"])
+    assert back.source_format == "stylelora" and sorted(back.layers) == sorted(orig.layers)
+    for key, layer in orig.layers.items():
+        assert torch.equal(back.layers[key].down, layer.down) and torch.equal(back.layers[key].up, layer.up)
+        assert back.layers[key].alpha == layer.alpha
+    assert back.trigger_words == ["pastelstyle"]
+
+
+def test_merge(files, capsys, tmp_path):
+    code, out, _ = run(capsys, "merge", f"{files['pastel']}:0.7", f"{files['ink']}:0.3", "-o", tmp_path / "m.safetensors")
+    assert code == 0
+    rel = float(out.rsplit("relative error ", 1)[1])
+    assert rel < 1e-5 and "at rank 6 (32 layers)" in out  # to_q / to_v carry both: rank 4 + 2
+    merged = load_adapter(tmp_path / "m.safetensors")
+    assert merged.trigger_words == ["pastelstyle"] and "stylelora.base_fingerprint" not in merged.metadata  # ink has none
+    code, out, _ = run(capsys, "merge", f"{files['pastel']}:0.7", f"{files['ink']}:0.3", "--rank", "1",
+                       "-o", tmp_path / "m1.safetensors")
+    assert code == 0 and "at rank 1" in out and float(out.rsplit("relative error ", 1)[1]) > 0.1
+
+
+def test_generate_specs_tags_and_library_agree(files, capsys, tmp_path, tiny_random_pipe):
+    common = ["--base", files["base"], "--steps", 3, "--seed", 5, "--adapters-dir", files["root"] / "adapters"]
+    assert run(capsys, "generate", PROMPT, "--adapter", f"{files['pastel']}:0.8:0.4", "--adapter", files["ink"],
+               *common, "-o", tmp_path / "a.png")[0] == 0
+    assert run(capsys, "generate", f"<lora:ink> {PROMPT}", "--adapter", f"{files['pastel']}:0.8:0.4",
+               *common, "-o", tmp_path / "b.png")[0] == 0
+    a, b = np.asarray(Image.open(tmp_path / "a.png")), np.asarray(Image.open(tmp_path / "b.png"))
+    assert a.shape == (64, 64, 3) and np.array_equal(a, b)
+    stack = AdapterStack(copy.deepcopy(tiny_random_pipe))
+    stack.add("pastel", files["pastel"], {"unet": 0.8, "text_encoder": 0.4})
+    stack.add("ink", files["ink"])
+    assert np.array_equal(np.asarray(stack.generate(PROMPT, steps=3, seed=5)), a)
+    assert run(capsys, "generate", PROMPT, *common, "--size", "96x64", "-o", tmp_path / "w.png")[0] == 0
+    assert Image.open(tmp_path / "w.png").size == (96, 64)
+
+
+def test_generate_sweep_grid(files, capsys, tmp_path):
+    code, out, _ = run(capsys, "generate", PROMPT, "--adapter", files["pastel"], "--adapter", files["ink"], "--base",
+                       files["base"], "--steps", 2, "--sweep", "0,0.5,1", "-o", tmp_path / "grid.png")
+    assert code == 0 and "(2 adapters x 3 strengths)" in out
+    grid = Image.open(tmp_path / "grid.png")
+    assert grid.size[1] == 18 + 2 * (128 + 2) and grid.size[0] > 3 * (128 + 2)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--adapter", "pastel.safetensors:strong"], "malformed adapter 'pastel.safetensors:strong'"),
+    (["--adapter", "nothere.safetensors:0.5"], "adapter file nothere.safetensors does not exist"),
+    (["<lora:pastel:strong>"], "malformed prompt tag <lora:pastel:strong>"),
+    (["<lora:missing>"], "no .*missing.safetensors"),
+    (["--size", "60x64"], "bad --size '60x64'"),
+    (["--sweep", "0,1"], "--sweep varies adapter strengths"),
+])
+def test_generate_errors_are_one_line(files, capsys, tmp_path, args, message):
+    prompt = [a for a in args if a.startswith("<")] or [PROMPT]
+    flags = [a for a in args if not a.startswith("<")]
+    code, out, err = run(capsys, "generate", *prompt, *flags, "--base", files["base"], "--adapters-dir",
+                         files["root"] / "adapters", "-o", tmp_path / "x.png")
+    assert code == 2 and err.startswith("stylelora: error: ") and err.count("\n") == 1, err
+    assert re.search(message, err) and not (tmp_path / "x.png").exists()
