@@ -1,0 +1,350 @@
+"""The Gradio app (ui/app.py) served for real and driven through gradio_client: concurrent sessions
+get exactly their solo images, training from the app, adapters tab, path safety, uploads, --auth.
+Everything runs on a random tiny base saved once per session, so no pretrained weights are needed."""
+
+from __future__ import annotations
+
+import io
+import json
+import socket
+import sys
+import time
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # ui/ is a top-level folder beside the package, not installed with it
+    sys.path.insert(0, str(ROOT))
+
+
+# --- the app under test ------------------------------------------------------------------------
+
+
+def make_adapter(pipe, path: Path, seed: int, triggers=(), rank: int = 4, strength: float = 0.5) -> Path:
+    """A random (untrained) LoRA on cross-attention and the text encoder, big enough that every
+    scale visibly changes the output."""
+    from stylelora.adapters import Adapter, LoraLayer, save_adapter, stylelora_metadata
+    from stylelora.lora import text_encoder_targets, unet_targets
+
+    g = torch.Generator().manual_seed(seed)
+    layers = {}
+    for comp, model, names in (("unet", pipe.unet, unet_targets(pipe.unet, "cross-attn")),
+                               ("text_encoder", pipe.text_encoder, text_encoder_targets(pipe.text_encoder))):
+        mods = dict(model.named_modules())
+        for n in names:
+            w = mods[n].weight
+            layers[f"{comp}.{n.removeprefix('text_model.')}"] = LoraLayer(
+                torch.randn(rank, w.shape[1], generator=g) * strength,
+                torch.randn(w.shape[0], rank, generator=g) * strength, alpha=rank)
+    return save_adapter(Adapter(layers, stylelora_metadata(trigger_words=list(triggers))), path)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(app, auth=None) -> str:
+    from ui.app import launch_options
+
+    opts = launch_options("127.0.0.1", free_port(), auth, max_file_mb=2)
+    app.queue().launch(**opts, prevent_thread_lock=True, quiet=True)
+    return f"http://127.0.0.1:{opts['server_port']}/"
+
+
+@pytest.fixture(scope="session")
+def tiny_base_dir(tiny_random_pipe, tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("tinybase")
+    tiny_random_pipe.save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="session")
+def ui_dirs(tiny_random_pipe, tmp_path_factory) -> dict:
+    """adapters/ with two random adapters, datasets/ with one small rendered style folder."""
+    from stylelora.world.render import render_batch, styled_caption
+
+    root = tmp_path_factory.mktemp("ui")
+    adapters, datasets = root / "adapters", root / "datasets"
+    make_adapter(tiny_random_pipe, adapters / "inky.safetensors", 1, triggers=["inky"])
+    make_adapter(tiny_random_pipe, adapters / "dotty.safetensors", 2, triggers=["dotty", "dots"])
+    ds = datasets / "pastel"
+    ds.mkdir(parents=True)
+    for i, (scene, img) in enumerate(render_batch(8, 0, "pastel", "flat", 64), 1):
+        img.save(ds / f"{i:04d}.png")
+        (ds / f"{i:04d}.txt").write_text(styled_caption(scene, "pastel", "flat") + "\n")
+    return {"root": root, "adapters": adapters, "datasets": datasets}
+
+
+@pytest.fixture(scope="session")
+def served(tiny_base_dir, ui_dirs):
+    """(app, url): one app (one pipe, one AdapterStack) served on a free local port."""
+    from ui.app import build_app
+
+    app = build_app(ui_dirs["adapters"], base=str(tiny_base_dir), datasets_dir=ui_dirs["datasets"],
+                    max_adapter_mb=1, max_dataset_mb=4)
+    url = launch(app)
+    yield app, url
+    app.close()
+
+
+def request(prompt="a red star on a white background", seed=0, steps=6, mode="merge", size=64,
+            adapters: dict | None = None, negative="", guidance=5.0, slot_names=None) -> list:
+    """Positional inputs of the /generate endpoint; adapters = {name: strength or (s, unet, te)}."""
+    from ui.app import MAX_SLOTS
+
+    adapters = adapters or {}
+    names = slot_names or ["dotty", "inky"]  # sorted: the slots' order
+    slots = []
+    for i in range(MAX_SLOTS):
+        name = names[i] if i < len(names) else ""
+        s = adapters.get(name)
+        s, u, t = s if isinstance(s, tuple) else (1.0 if s is None else s, 1.0, 1.0)
+        slots += [name, name in adapters, s, u, t]
+    return [prompt, negative, seed, steps, guidance, size, mode] + slots
+
+
+def pixels(result) -> np.ndarray:
+    """The image of a /generate result, read where the server cached it (same machine)."""
+    from PIL import Image
+
+    image = result[0] if isinstance(result, (tuple, list)) else result
+    return np.asarray(Image.open(image["path"] if isinstance(image, dict) else image).convert("RGB"))
+
+
+def client(url, **kw):
+    """No downloads: gradio_client 2.7 leaves an empty /tmp/<hex> folder behind per download."""
+    from gradio_client import Client
+
+    return Client(url, verbose=False, download_files=False, **kw)
+
+
+# --- tests -------------------------------------------------------------------------------------
+
+
+def test_adapters_change_the_image_and_zero_strength_is_the_base(served):
+    c = client(served[1])
+    base = pixels(c.predict(*request(), api_name="/generate"))
+    inky = pixels(c.predict(*request(adapters={"inky": 1.0}), api_name="/generate"))
+    zero = pixels(c.predict(*request(adapters={"inky": 0.0}), api_name="/generate"))
+    tagged = pixels(c.predict(*request(prompt="a red star on a white background <lora:inky:1>"),
+                              api_name="/generate"))
+    assert not np.array_equal(base, inky)
+    assert np.array_equal(base, zero), "strength 0 must give exactly the base image"
+    assert np.array_equal(inky, tagged), "<lora:inky:1> in the prompt must equal the slider at 1"
+    split = pixels(c.predict(*request(adapters={"inky": (1.0, 1.0, 0.0)}), api_name="/generate"))
+    assert not np.array_equal(split, inky) and not np.array_equal(split, base)
+    _, settings = c.predict(*request(adapters={"inky": 0.5}), api_name="/generate")
+    settings = json.load(open(settings)) if isinstance(settings, str) else settings
+    assert settings["adapters"] == {"inky": 0.5} and settings["seed"] == 0
+
+
+def test_concurrent_sessions_get_their_solo_images(served):
+    """Six different requests, each first alone, then all at once from separate clients (twice,
+    in shuffled order): every concurrent result must equal its solo result pixel for pixel."""
+    url = served[1]
+    reqs = [request(seed=1), request(adapters={"inky": 1.0}), request(adapters={"dotty": 1.5}, seed=2),
+            request(adapters={"inky": 0.7, "dotty": -0.5}), request(adapters={"inky": (1.0, 0.5, 2.0)}, seed=3),
+            request(adapters={"dotty": 1.0}, mode="switch", prompt="dots, a blue circle on a mint background")]
+    solo = [pixels(client(url).predict(*r, api_name="/generate")) for r in reqs]
+    assert len({a.tobytes() for a in solo}) == len(solo), "the requests must differ to test anything"
+    clients = [client(url) for _ in reqs]
+    for order in (range(len(reqs)), [3, 0, 5, 1, 4, 2]):
+        with ThreadPoolExecutor(len(reqs)) as ex:
+            jobs = {i: ex.submit(clients[i].predict, *reqs[i], api_name="/generate") for i in order}
+            got = {i: pixels(j.result(timeout=120)) for i, j in jobs.items()}
+        for i in order:
+            assert np.array_equal(got[i], solo[i]), f"request {i} differs from its solo image"
+
+
+def test_sweep_grid(served):
+    c = client(served[1])
+    grid = pixels(c.predict(*request(adapters={"inky": 1.0, "dotty": 1.0})[:7], "0, 1, 2",
+                            *request(adapters={"inky": 1.0, "dotty": 1.0})[7:], api_name="/sweep"))
+    assert grid.shape[1] > 3 * 64 * 2 and grid.shape[0] > 2 * 64 * 2  # 2 rows x 3 columns at scale 2
+
+
+def test_names_never_leave_the_folders(served, ui_dirs, tmp_path):
+    from ui.app import safe_child
+
+    ui = served[0].stylelora
+    outside = ui_dirs["root"] / "victim.safetensors"
+    outside.write_bytes(b"x")
+    for bad in ("../victim", "../../etc/passwd", "/etc/passwd", "..", ".hidden", "a/b", "a\\b", ""):
+        with pytest.raises(ValueError):
+            safe_child(ui.adapters_dir, bad, ".safetensors")
+        with pytest.raises((ValueError, FileNotFoundError)):
+            ui.delete(bad, True)
+        with pytest.raises(ValueError):
+            ui.start_training("pastel", bad, "", 5, 4, 1e-3)
+        with pytest.raises(ValueError):
+            ui.import_dataset([str(outside)], bad)
+    assert outside.exists()
+    with pytest.raises(ValueError):  # datasets/../adapters exists, but a relative value is a name
+        ui.load_captions("../adapters")
+    assert ui.load_captions(str(ui_dirs["datasets"] / "pastel"))[0]  # absolute paths are the user's own
+    # and through the server: a crafted slot name is an error, not a file read
+    with pytest.raises(Exception, match="not a usable name"):
+        client(served[1]).predict(*request(adapters={"../victim": 1.0}, slot_names=["../victim"]),
+                                  api_name="/generate")
+
+
+def test_zip_upload_is_confined_and_limited(served, ui_dirs, tmp_path):
+    from PIL import Image
+
+    ui = served[0].stylelora
+    png = io.BytesIO()
+    Image.new("RGB", (32, 32), "red").save(png, "PNG")
+
+    def zip_of(members: dict) -> Path:
+        path = tmp_path / f"u{len(list(tmp_path.iterdir()))}.zip"
+        with zipfile.ZipFile(path, "w") as z:
+            for name, data in members.items():
+                if name.startswith("@link:"):
+                    info = zipfile.ZipInfo(name[6:])
+                    info.external_attr = 0o120777 << 16
+                    z.writestr(info, data)
+                else:
+                    z.writestr(name, data)
+        return path
+
+    for evil in ({"../evil.png": png.getvalue()}, {"/abs.png": png.getvalue()},
+                 {"@link:a.png": "/etc/passwd"}):
+        with pytest.raises(ValueError, match="refusing this zip"):
+            ui.import_dataset([str(zip_of(evil))], "evil")
+    assert not (ui_dirs["datasets"] / "evil").exists() and not (ui_dirs["root"] / "evil.png").exists()
+    bomb = tmp_path / "bomb.zip"
+    with zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as z:
+        z.writestr("big.png", b"\0" * (5 * 2**20))  # 5 MB unpacked, a few kB packed; limit is 4 MB
+    with pytest.raises(ValueError, match="upload limit"):
+        ui.import_dataset([str(bomb)], "bomb")
+    ok = zip_of({"3_style/a.png": png.getvalue(), "3_style/a.txt": "a red square", "__MACOSX/._a.png": b"junk"})
+    choices, table, _ = ui.import_dataset([str(ok)], "zipped")
+    assert table == [["3_style/a.png", "a red square"]]
+    table[0][1] = "pastel, a red square"
+    assert "saved 1" in ui.save_captions("zipped", table)
+    assert (ui_dirs["datasets"] / "zipped" / "3_style" / "a.txt").read_text().strip() == "pastel, a red square"
+    with pytest.raises(ValueError, match="not an image"):
+        ui.save_captions("zipped", [["../../victim", "x"]])
+    assert not [p for p in ui_dirs["datasets"].iterdir() if p.name.startswith(".")], "temp folders left"
+
+
+def test_server_refuses_oversized_uploads(served):
+    import httpx
+
+    url = served[1] + "gradio_api/upload"
+    small = httpx.post(url, files={"files": ("a.safetensors", b"x" * 1000)})
+    big = httpx.post(url, files={"files": ("a.safetensors", b"x" * (3 * 2**20))})  # limit: 2 MB
+    assert small.status_code == 200 and big.status_code == 413, (small.status_code, big.status_code)
+
+
+def test_adapter_upload_validated(served, tiny_random_pipe, tmp_path):
+    ui = served[0].stylelora
+    pickled = tmp_path / "evil.ckpt"
+    torch.save({"x": torch.zeros(1)}, pickled)
+    disguised = tmp_path / "disguised.safetensors"
+    disguised.write_bytes(pickled.read_bytes())
+    for bad, why in ((pickled, "pickle"), (disguised, "pickle"), (tmp_path / "missing.safetensors", "No such file")):
+        with pytest.raises((ValueError, FileNotFoundError), match=why):
+            ui.upload(str(bad))
+    big = make_adapter(tiny_random_pipe, tmp_path / "big.safetensors", 5, rank=64)
+    assert big.stat().st_size > ui.max_adapter_bytes
+    with pytest.raises(ValueError, match="limit"):
+        ui.upload(str(big))
+    good = make_adapter(tiny_random_pipe, tmp_path / "fresh upload.safetensors", 6)
+    assert "fresh_upload" in ui.upload(str(good))
+    assert "fresh_upload" in ui.adapter_names() and not ui.adapter_names().count(".fresh_upload")
+    with pytest.raises(FileExistsError):
+        ui.upload(str(good))
+
+
+def test_adapters_tab_inspect_convert_merge_delete(served):
+    ui = served[0].stylelora
+    info = ui.inspect("inky")
+    assert info["trigger_words"] == ["inky"] and info["rank"] == 4
+    assert "inky-kohya" in ui.convert("inky", "kohya", "")
+    assert ui.inspect("inky-kohya")["format"] == "kohya"
+    ui.convert("inky-kohya", "diffusers", "inky-back")
+    assert ui.inspect("inky-back")["n_targets"] == info["n_targets"]
+    assert "merged" in ui.merge(["inky", "dotty"], "0.5, 0.5", "merged", None)
+    assert "merged" in ui.adapter_names()
+    with pytest.raises(ValueError, match="confirmation"):
+        ui.delete("merged", False)
+    ui.generate(*request(adapters={"merged": 1.0}, slot_names=["merged"]))  # loaded into the stack
+    ui.delete("merged", True)
+    assert "merged" not in ui.adapter_names() and "merged" not in ui.stack.names
+    for n in ("inky-kohya", "inky-back"):
+        ui.delete(n, True)
+
+
+def test_training_from_the_app(served, ui_dirs):
+    """Start a short run through the API, poll like the page does, find the adapter listed."""
+    ui = served[0].stylelora
+    c = client(served[1])
+    c.predict("pastel", "quick", "pastel", 12, 4, 1e-3, api_name="/train")
+    with pytest.raises(Exception, match="running|exists"):
+        ui.start_training("pastel", "quick2", "", 10, 4, 1e-3)  # one run at a time
+    t0 = time.time()
+    while ui.job.running and time.time() - t0 < 90:
+        time.sleep(0.5)
+    assert not ui.job.running and ui.job.error is None, ui.job.error
+    assert ui.job.step == 12 and ui.job.rows and ui.job.sample
+    out = ui.poll(*([""] * 8), None, [])
+    assert "12/12" in out[0] and "done" in out[0]
+    assert "quick" in ui.adapter_names() and ui.triggers("quick") == ["pastel"]
+    img = pixels(c.predict(*request(adapters={"quick": 1.0}, slot_names=["quick"]), api_name="/generate"))
+    assert img.shape == (64, 64, 3)
+    ui.delete("quick", True)
+
+
+def test_generation_during_training_and_stop(served):
+    """Generating while a run trains (its own pipe, same process) gives the solo image; Stop
+    ends the run early and still writes the adapter."""
+    ui = served[0].stylelora
+    c = client(served[1])
+    solo = pixels(c.predict(*request(adapters={"inky": 1.0}, seed=7), api_name="/generate"))
+    ui.start_training("pastel", "stopped", "", 2000, 4, 1e-3)
+    t0 = time.time()
+    while ui.job.step < 2 and ui.job.running and time.time() - t0 < 60:
+        time.sleep(0.2)
+    during = pixels(c.predict(*request(adapters={"inky": 1.0}, seed=7), api_name="/generate"))
+    assert ui.job.running and np.array_equal(during, solo)
+    ui.stop_training()
+    ui.job.thread.join(60)
+    assert "stopped early" in ui.job.state and ui.job.step < 2000
+    assert "stopped" in ui.adapter_names()
+    ui.delete("stopped", True)
+
+
+def test_auth_refuses_a_wrong_password(tiny_base_dir, ui_dirs):
+    import httpx
+
+    from ui.app import build_app, launch_options
+
+    with pytest.raises(ValueError, match="USER:PASS"):
+        launch_options(auth="nopassword")
+    app = build_app(ui_dirs["adapters"], base=str(tiny_base_dir), datasets_dir=ui_dirs["datasets"])
+    url = launch(app, auth="alice:s3cret")
+    try:
+        assert httpx.get(url + "config").status_code == 401
+        assert httpx.post(url + "login", data={"username": "alice", "password": "wrong"}).status_code >= 400
+        with pytest.raises(Exception):
+            client(url, auth=("alice", "wrong"))
+        ok = client(url, auth=("alice", "s3cret"))
+        assert pixels(ok.predict(*request(steps=2), api_name="/generate")).shape == (64, 64, 3)
+    finally:
+        app.close()
+
+
+def test_cli_ui_subcommand():
+    from stylelora.cli import build_parser, main
+
+    args = build_parser().parse_args(["ui"])
+    assert (args.host, args.port, args.adapters, args.auth) == ("127.0.0.1", 7860, "adapters", None)
+    assert main(["ui", "--auth", "no-colon"]) == 2  # refused before any model loads

@@ -1,0 +1,613 @@
+"""stylelora's web UI: Generate (per-adapter sliders, stacking, strength sweep), Train (dataset,
+captions, live progress) and Adapters (inspect, convert, merge, delete, upload).
+
+Thin on purpose: every action is a call into stylelora (load_base, AdapterStack, train, discover,
+load_adapter/save_adapter/export_kohya); this file maps widgets to arguments and back.
+
+Design notes
+- One base pipe and one AdapterStack per app, loaded once: sliders and adapter changes never
+  reload the base. Each request hands AdapterStack.generate its complete set of scales (adapters
+  it does not name are off for that call); the stack applies them and generates under its own
+  lock, so sessions generating at once never see each other's sliders.
+- Adapter rows are MAX_SLOTS fixed slots, shown or hidden, rather than @gr.render: the generate
+  endpoint keeps one signature (gradio_client and the tests call it), and a refresh keeps the
+  sliders of adapters still present. Each slot carries its adapter's name in a hidden textbox, so
+  a request names its adapters even if the folder changed since the page was drawn. Adapters
+  past the slots are reachable with `<lora:name:weight>` in the prompt.
+- Training runs in a background thread with its own pipe (train() loads it) and the page polls it
+  with a gr.Timer. One training at a time per app: the machines this targets have few cores.
+- Browser input never becomes a path by itself: names must match NAME_RE and resolve inside the
+  configured folders; uploads are size-limited, zips unpacked confined, adapters validated.
+"""
+
+from __future__ import annotations
+
+import functools
+import html
+import os
+import random
+import re
+import shutil
+import stat
+import tempfile
+import threading
+import time
+import zipfile
+from pathlib import Path, PurePosixPath
+
+import gradio as gr
+
+from stylelora.blend import MODES
+
+MAX_SLOTS = 8
+SLOT_FIELDS = 5  # per slot, in the generate inputs: name, enabled, strength, x UNet, x text encoder
+N_LISTS = MAX_SLOTS * 7 + 3  # outputs of StyleloraUI.refresh: 7 per slot, the note, two pickers
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+MB = 2**20
+DATASET_EXTS = (".bmp", ".gif", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp", ".txt", ".jsonl")
+
+
+def safe_child(folder: Path, name: str, suffix: str = "") -> Path:
+    """folder/<name><suffix>; anything but a plain name (no '/', '..', leading dot) is refused."""
+    name = str(name or "").strip().removesuffix(suffix)
+    if not NAME_RE.fullmatch(name):
+        raise ValueError(f"{name!r} is not a usable name: use 1-64 letters, digits, '.', '_' or '-', "
+                         "starting with a letter or digit")
+    path = (folder / f"{name}{suffix}").resolve()
+    if path.parent != folder.resolve():  # e.g. a symlinked name pointing elsewhere
+        raise ValueError(f"{name!r} resolves outside {folder}; refusing it")
+    return path
+
+
+def _shown(path: Path) -> str:
+    """A folder as the user named it: relative to the working directory when inside it."""
+    return os.path.relpath(path) if path.is_relative_to(Path.cwd()) else str(path)
+
+
+def _friendly(fn):
+    """User mistakes (ValueError & co, whose messages say what to do) become a gr.Error toast."""
+    @functools.wraps(fn)
+    def wrapper(*args):
+        try:
+            return fn(*args)
+        except (ValueError, FileNotFoundError, FileExistsError) as e:
+            raise gr.Error(str(e)) from None
+    return wrapper
+
+
+def extract_zip(src: Path, dest: Path, budget: list[int], max_files: int = 10_000) -> None:
+    """Unpack images/captions of `src` below `dest`. Members with absolute or '..' paths and
+    symlinks refuse the whole zip; hidden files and other types are skipped. Sizes are counted as
+    bytes are actually written (headers can lie), against budget[0]."""
+    try:
+        with zipfile.ZipFile(src) as z:
+            infos = [i for i in z.infolist() if not i.is_dir()]
+            if len(infos) > max_files:
+                raise ValueError(f"{src.name} holds {len(infos)} files, over the limit of {max_files}")
+            for info in infos:
+                name = info.filename.replace("\\", "/")
+                parts = PurePosixPath(name).parts
+                if name.startswith("/") or ".." in parts or ":" in parts[0]:
+                    raise ValueError(f"{src.name}: member {info.filename!r} points outside the archive; "
+                                     "refusing this zip")
+                if stat.S_ISLNK(info.external_attr >> 16):
+                    raise ValueError(f"{src.name}: member {info.filename!r} is a symlink; refusing this zip")
+                if any(p.startswith(".") or p == "__MACOSX" for p in parts) or \
+                        not parts[-1].lower().endswith(DATASET_EXTS):
+                    continue
+                target = dest.joinpath(*parts)
+                assert target.resolve().is_relative_to(dest.resolve()), target
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with z.open(info) as fin, open(target, "xb") as fout:
+                    while chunk := fin.read(MB):
+                        budget[0] -= len(chunk)
+                        if budget[0] < 0:
+                            raise ValueError(f"{src.name} unpacks to more than the upload limit; "
+                                             "upload fewer or smaller images")
+                        fout.write(chunk)
+    except (zipfile.BadZipFile, RuntimeError, NotImplementedError) as e:  # corrupt, encrypted, odd codec
+        raise ValueError(f"{src.name} is not a zip file stylelora can read ({e})") from None
+
+
+class TrainJob:
+    """One background training run: the progress the page polls and the flag train() polls."""
+
+    def __init__(self, cfg):
+        self.cfg, self.stop = cfg, threading.Event()
+        self.rows: list[tuple[int, float]] = []
+        self.step, self.sps, self.sample = 0, 0.0, None
+        self.state, self.error = "loading the base and data", None
+        self.thread = threading.Thread(target=self._run, name=f"train-{Path(cfg.out).stem}", daemon=True)
+        self.thread.start()
+
+    def _log(self, event: dict) -> None:
+        self.step = event["step"]
+        if "sample" in event:
+            self.sample = event["sample"]
+        else:
+            self.rows.append((event["step"], event["loss"]))
+            self.sps, self.state = event["steps_per_s"], "training"
+
+    def _run(self) -> None:
+        from stylelora.train import train
+
+        try:
+            train(self.cfg, on_log=self._log, should_stop=self.stop.is_set)
+            self.state = "done" if self.step >= self.cfg.steps else "stopped early (adapter saved)"
+        except Exception as e:  # noqa: BLE001 -- shown on the page; a thread must not fail silently
+            self.state, self.error = "failed", f"{type(e).__name__}: {e}"
+
+    @property
+    def running(self) -> bool:
+        return self.thread.is_alive()
+
+    def progress_html(self) -> str:
+        c = self.cfg
+        loss = f" · loss {self.rows[-1][1]:.4f} · {self.sps:.1f} steps/s" if self.rows else ""
+        err = f"<br><b>{html.escape(self.error)}</b>" if self.error else ""  # shown to every session
+        return (f"<progress value='{self.step}' max='{c.steps}' style='width:100%'></progress>"
+                f"<div id='train-status'>{Path(c.out).stem}: step {self.step}/{c.steps}{loss} — "
+                f"{self.state}{err}</div>")
+
+
+class StyleloraUI:
+    """The app's state: folders, the one pipe and AdapterStack, the current training job."""
+
+    def __init__(self, adapters_dir, base=None, *, datasets_dir="datasets", base_config=None,
+                 device="cpu", max_adapter_mb=512, max_dataset_mb=512):
+        from stylelora.base import load_base
+        from stylelora.blend import AdapterStack
+
+        self.adapters_dir = Path(adapters_dir).expanduser().resolve()
+        self.adapters_dir.mkdir(parents=True, exist_ok=True)
+        self.datasets_dir = Path(datasets_dir).expanduser().resolve()
+        self.base, self.base_config = base, base_config
+        self.max_adapter_bytes, self.max_dataset_bytes = int(max_adapter_mb * MB), int(max_dataset_mb * MB)
+        self.pipe = load_base(base, config=base_config, device=device)
+        self.stack = AdapterStack(self.pipe)
+        self.native = self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
+        self._lock = threading.Lock()  # adding/removing adapters and files; generation locks the stack
+        self._stamps: dict[str, tuple[int, int]] = {}  # name -> (mtime, size) of the loaded file
+        self.job: TrainJob | None = None
+
+    # --- adapters folder
+    def adapter_names(self) -> list[str]:
+        return sorted(p.stem for p in self.adapters_dir.glob("*.safetensors") if NAME_RE.fullmatch(p.stem))
+
+    def adapter_path(self, name: str) -> Path:
+        path = safe_child(self.adapters_dir, name, ".safetensors")
+        if not path.is_file():
+            raise FileNotFoundError(f"no adapter named {name!r} in {self.adapters_dir}; refresh the list")
+        return path
+
+    def triggers(self, name: str) -> list[str]:
+        """Trigger words from the file's header only (no tensors read)."""
+        from safetensors import safe_open
+
+        from stylelora.adapters import Adapter
+
+        try:
+            with safe_open(str(self.adapter_path(name)), framework="pt") as f:
+                return Adapter(layers={}, metadata=dict(f.metadata() or {})).trigger_words
+        except Exception:  # noqa: BLE001 -- an unreadable file shows no triggers; loading it will say why
+            return []
+
+    def _load(self, name: str) -> None:
+        """(Re)load `name` into the stack at scale 0 if its file is new or changed. Under self._lock."""
+        path = self.adapter_path(name)
+        st = path.stat()
+        if self._stamps.get(name) != (st.st_mtime_ns, st.st_size):
+            if name in self.stack.names:
+                self.stack.remove(name)
+            self.stack.add(name, str(path), scale=0.0)
+            self._stamps[name] = (st.st_mtime_ns, st.st_size)
+
+    # --- generate
+    def _request(self, prompt: str, slots: tuple) -> tuple[str, dict]:
+        """The prompt without `<lora:...>` tags, and {name: (strength, x UNet, x text encoder)} of
+        the enabled slots plus the tags (a tag wins over its slider)."""
+        from stylelora.blend import parse_prompt_loras
+
+        text, tags = parse_prompt_loras(prompt or "", self.adapters_dir)
+        wanted = {}
+        for i in range(0, len(slots), SLOT_FIELDS):
+            name, on, s, u, t = slots[i : i + SLOT_FIELDS]
+            if name and on:
+                wanted[name] = (float(s), float(u), float(t))
+        wanted.update({path.stem: (w, 1.0, 1.0) for path, w in tags})
+        return text, wanted
+
+    @staticmethod
+    def _scale(s: float, u: float, t: float):
+        return s if u == t == 1 else {"unet": s * u, "text_encoder": s * t}
+
+    def _render(self, text, negative, seed, steps, guidance, size, mode, wanted: dict):
+        """One image; `wanted` is the complete set of adapters for it (AdapterStack.generate
+        treats the scales it gets as complete and applies them under its lock)."""
+        with self._lock:
+            for name in wanted:
+                self._load(name)
+        scales = {n: self._scale(*v) for n, v in wanted.items()}
+        return self.stack.generate(text, negative=negative or None, seed=int(seed), steps=int(steps),
+                                   guidance=float(guidance), size=(int(size), int(size)), mode=mode,
+                                   scales=scales)
+
+    def generate(self, prompt, negative, seed, steps, guidance, size, mode, *slots):
+        t0 = time.perf_counter()
+        text, wanted = self._request(prompt, slots)
+        image = self._render(text, negative, seed, steps, guidance, size, mode, wanted)
+        settings = {"prompt": prompt, "prompt_used": text, "negative": negative, "seed": int(seed),
+                    "steps": int(steps), "guidance": float(guidance), "size": [int(size)] * 2,
+                    "mode": mode, "adapters": {n: self._scale(*v) for n, v in wanted.items()},
+                    "seconds": round(time.perf_counter() - t0, 3)}
+        return image, settings
+
+    def sweep(self, prompt, negative, seed, steps, guidance, size, mode, strengths, *slots):
+        """Rows: each requested adapter at each strength, the other requested ones as set."""
+        from stylelora.grid import image_grid
+
+        try:
+            values = [float(v) for v in re.split(r"[,\s]+", strengths.strip()) if v]
+        except ValueError:
+            raise ValueError(f"strengths {strengths!r}: write numbers separated by commas, e.g. 0, 0.5, 1") from None
+        text, wanted = self._request(prompt, slots)
+        if not wanted or not values or len(values) > 12:
+            raise ValueError("enable at least one adapter (or write <lora:name:w>) and give 1-12 strengths")
+        rows = [[self._render(text, negative, seed, steps, guidance, size, mode,
+                              {**wanted, name: (v, *wanted[name][1:])}) for v in values] for name in wanted]
+        return image_grid(rows, row_labels=list(wanted), col_labels=[f"{v:g}" for v in values])
+
+    def add_triggers(self, prompt: str, name: str) -> str:
+        words = [w for w in self.triggers(name) if w not in (prompt or "")]
+        return ", ".join(words + [prompt] if prompt else words)
+
+    def refresh(self, *current):
+        """Slots, note and the Adapters tab's pickers after the folder changed. `current` holds the
+        slots' names then the two pickers' values, so unchanged slots keep their sliders."""
+        names, (pick, chosen) = self.adapter_names(), current[MAX_SLOTS:]
+        out = []
+        for i in range(MAX_SLOTS):
+            name = names[i] if i < len(names) else ""
+            same = name == current[i]
+            trig = self.triggers(name) if name else []
+            out += [gr.update(visible=bool(name)), name, gr.update(label=name or "-", **({} if same else {"value": False})),
+                    *([gr.skip()] * 3 if same else [1.0, 1.0, 1.0]),
+                    gr.update(value="+ " + ", ".join(trig), visible=bool(trig))]
+        more = f"; the first {MAX_SLOTS} have sliders, use `<lora:name:w>` for the rest" if len(names) > MAX_SLOTS else ""
+        out.append(f"{len(names)} adapter(s) in `{_shown(self.adapters_dir)}`{more}")
+        out.append(gr.update(choices=names, value=pick if pick in names else None))
+        out.append(gr.update(choices=names, value=[c for c in chosen or [] if c in names]))
+        return out
+
+    # --- datasets
+    def datasets(self) -> list[str]:
+        d = self.datasets_dir
+        return sorted(p.name for p in d.iterdir() if p.is_dir() and NAME_RE.fullmatch(p.name)) if d.is_dir() else []
+
+    def dataset_path(self, value: str) -> Path:
+        """An absolute path the user typed (a folder of their own), else a name in datasets/: a
+        relative value never leaves datasets/ ("../x" is refused, not resolved)."""
+        value = (value or "").strip()
+        path = Path(value).expanduser()
+        path = path.resolve() if path.is_absolute() else safe_child(self.datasets_dir, value)
+        if not path.is_dir():
+            raise FileNotFoundError(f"dataset folder {value!r} not found: pick one of {self.datasets_dir} "
+                                    "or type the absolute path of a folder of images with .txt captions")
+        return path
+
+    def load_captions(self, value):
+        from stylelora.data import discover, format_report
+
+        items, skipped = discover(self.dataset_path(value))
+        return [[it.rel, it.caption] for it in items], format_report(items, skipped)
+
+    def save_captions(self, value, table):
+        from stylelora.data import discover
+
+        folder = self.dataset_path(value)
+        items = {it.rel: it for it in discover(folder)[0]}
+        rows = table.values.tolist() if hasattr(table, "values") else table or []
+        changed, in_jsonl = 0, []
+        for rel, caption in rows:
+            item = items.get(rel)
+            if item is None:  # only captions of images discover() found are ever written
+                raise ValueError(f"{rel!r} is not an image of {folder}; reload the table")
+            caption = "" if caption is None else str(caption).strip()
+            if caption == item.caption:
+                continue
+            if item.caption_source == "metadata.jsonl":
+                in_jsonl.append(rel)
+                continue
+            item.path.with_suffix(".txt").write_text(caption + "\n", encoding="utf-8")
+            changed += 1
+        note = f"; not changed (captioned in metadata.jsonl, edit it there): {', '.join(in_jsonl)}" if in_jsonl else ""
+        return f"saved {changed} caption(s) in {folder}{note}"
+
+    def import_dataset(self, files, name):
+        dest = safe_child(self.datasets_dir, name)
+        if dest.exists():
+            raise FileExistsError(f"dataset {name!r} exists in {self.datasets_dir}: pick another name")
+        files = [Path(f) for f in files or []]
+        if not files:
+            raise ValueError("choose images with .txt captions, or a .zip of them, to upload")
+        if sum(f.stat().st_size for f in files) > self.max_dataset_bytes:
+            raise ValueError(f"the upload is over {self.max_dataset_bytes // MB} MB; upload fewer or smaller images")
+        self.datasets_dir.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=self.datasets_dir))
+        try:
+            budget = [self.max_dataset_bytes]
+            for f in files:
+                if f.suffix.lower() == ".zip":
+                    extract_zip(f, tmp, budget)
+                elif f.name.lower().endswith(DATASET_EXTS) and not f.name.startswith("."):
+                    shutil.copyfile(f, tmp / f.name)  # .name: a basename, whatever the browser sent
+            self.load_captions(str(tmp))  # refuses a folder without one usable image
+            os.replace(tmp, dest)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        table, report = self.load_captions(dest.name)
+        return gr.update(choices=self.datasets(), value=dest.name), table, report
+
+    # --- training
+    def start_training(self, dataset, name, trigger, steps, rank, lr):
+        from stylelora.train import TrainConfig
+
+        out = safe_child(self.adapters_dir, name, ".safetensors")
+        steps = int(steps)
+        with self._lock:
+            if self.job is not None and self.job.running:
+                raise ValueError("a training is running; wait for it or press Stop")
+            if out.exists():
+                raise FileExistsError(f"an adapter named {out.stem!r} exists: pick another name or delete it")
+            cfg = TrainConfig(dataset=str(self.dataset_path(dataset)), out=str(out), base=self.base,
+                              base_config=self.base_config, trigger=(trigger or "").strip() or None,
+                              steps=steps, rank=int(rank), lr=float(lr), progress=False,
+                              run_dir=str(self.adapters_dir / ".runs" / out.stem),
+                              log_every=max(1, min(10, steps // 100)), sample_every=max(1, steps // 4))
+            self.job = TrainJob(cfg)
+        return self.job.progress_html(), gr.Timer(active=True)
+
+    def stop_training(self):
+        if self.job is not None and self.job.running:
+            self.job.stop.set()
+            return "stopping after this step…"
+        return "no training is running"
+
+    def poll(self, *current):
+        """Timer tick: progress, loss curve, latest samples; on the tick that sees the run end,
+        stop the timer and refresh the adapter lists so the new adapter shows up."""
+        import pandas as pd
+        from PIL import Image
+
+        job = self.job
+        if job is None:
+            return ["no training yet", gr.skip(), gr.skip(), gr.Timer(active=False)] + [gr.skip()] * N_LISTS
+        done = not job.running
+        sample = Image.open(job.sample) if job.sample else gr.skip()
+        lists = self.refresh(*current) if done else [gr.skip()] * N_LISTS
+        curve = pd.DataFrame(job.rows, columns=["step", "loss"]).astype({"step": int, "loss": float})
+        return [job.progress_html(), curve, sample,
+                gr.Timer(active=not done)] + lists
+
+    # --- adapters tab
+    def inspect(self, name):
+        from stylelora.adapters import describe, load_adapter
+
+        return None if not name else describe(load_adapter(self.adapter_path(name)))
+
+    def _new_path(self, name: str) -> Path:
+        out = safe_child(self.adapters_dir, name, ".safetensors")
+        if out.exists():
+            raise FileExistsError(f"an adapter named {out.stem!r} exists: pick another name")
+        return out
+
+    def convert(self, name, fmt, new_name):
+        from stylelora.adapters import export_kohya, load_adapter, save_adapter
+
+        adapter = load_adapter(self.adapter_path(name))
+        out = self._new_path(new_name or f"{name}-{fmt}")
+        (export_kohya if fmt == "kohya" else save_adapter)(adapter, out)
+        return f"wrote {out.name} ({fmt} keys)"
+
+    def merge(self, names, weights, new_name, rank):
+        from stylelora.adapters import load_adapter, save_adapter
+        from stylelora.blend import merge_adapters
+
+        names = list(names or [])
+        try:
+            ws = [float(w) for w in re.split(r"[,\s]+", (weights or "").strip()) if w] or [1.0] * len(names)
+        except ValueError:
+            raise ValueError(f"weights {weights!r}: write one number per adapter, e.g. 0.5, 0.5") from None
+        if len(names) < 2 or len(ws) != len(names):
+            raise ValueError(f"pick 2 or more adapters and one weight each (got {len(names)} and {len(ws)})")
+        out = self._new_path(new_name)
+        merged, err = merge_adapters([(load_adapter(self.adapter_path(n)), w) for n, w in zip(names, ws)],
+                                     rank=int(rank) if rank else None)
+        save_adapter(merged, out)
+        return (f"wrote {out.name} = " + " + ".join(f"{w:g}·{n}" for n, w in zip(names, ws)) +
+                f" (relative error {err:.2g})")
+
+    def delete(self, name, confirm):
+        path = self.adapter_path(name)
+        if not confirm:
+            raise ValueError(f"tick the confirmation box to delete {path.name}")
+        with self._lock:
+            if name in self.stack.names:
+                self.stack.remove(name)
+            self._stamps.pop(name, None)
+            path.unlink()
+        return f"deleted {path.name}"
+
+    def upload(self, file):
+        from stylelora.adapters import check_fits, load_adapter
+
+        src = Path(file)
+        if src.stat().st_size > self.max_adapter_bytes:
+            raise ValueError(f"{src.name} is over the {self.max_adapter_bytes // MB} MB adapter limit")
+        check_fits(load_adapter(src), self.pipe)  # refuses pickles, corrupt files, wrong bases
+        out = self._new_path(re.sub(r"[^A-Za-z0-9._-]", "_", src.stem).lstrip("._-")[:64] or "uploaded")
+        tmp = out.with_name(f".{out.name}.upload")
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, out)
+        return f"added {out.name}"
+
+
+def build_app(adapters_dir="adapters", base=None, **options) -> gr.Blocks:
+    """The Blocks app. options: datasets_dir, base_config, device, max_adapter_mb, max_dataset_mb.
+    The StyleloraUI behind it is `app.stylelora`."""
+    from stylelora.evaluate import DEFAULT_GUIDANCE, DEFAULT_STEPS
+    from stylelora.train import TrainConfig
+
+    ui = StyleloraUI(adapters_dir, base, **options)
+    names = ui.adapter_names()
+    with gr.Blocks(title="stylelora") as app:
+        app.stylelora = ui
+        with gr.Tab("Generate") as gen_tab:
+            with gr.Row():
+                with gr.Column(scale=3):
+                    prompt = gr.Textbox(label="prompt (<lora:name:weight> adds an adapter)", elem_id="prompt",
+                                        value="a red star on a white background")
+                    negative = gr.Textbox(label="negative prompt")
+                    with gr.Row():
+                        seed = gr.Number(0, label="seed", precision=0, minimum=0)
+                        dice = gr.Button("random seed", size="sm")
+                        steps = gr.Slider(1, 100, DEFAULT_STEPS, step=1, label="steps")
+                        guidance = gr.Slider(0, 15, DEFAULT_GUIDANCE, step=0.5, label="guidance")
+                        size = gr.Slider(32, 4 * ui.native, ui.native, step=16, label="size (px)")
+                    mode = gr.Radio(list(MODES), value="merge", label="composition")
+                    note = gr.Markdown()
+                    slots, slot_outputs = [], []
+                    for i in range(MAX_SLOTS):
+                        here = names[i] if i < len(names) else ""
+                        trig = ui.triggers(here) if here else []
+                        with gr.Group(visible=bool(here), elem_id=f"slot{i}") as group:
+                            name = gr.Textbox(here, visible=False)
+                            with gr.Row():
+                                on = gr.Checkbox(False, label=here or "-", elem_id=f"slot{i}-on")
+                                strength = gr.Slider(-1, 2, 1.0, step=0.05, label="strength", scale=3,
+                                                     elem_id=f"slot{i}-strength")
+                                add = gr.Button("+ " + ", ".join(trig), visible=bool(trig), size="sm")
+                            with gr.Accordion("UNet / text encoder", open=False):
+                                with gr.Row():
+                                    unet = gr.Slider(-1, 2, 1.0, step=0.05, label="× UNet")
+                                    te = gr.Slider(-1, 2, 1.0, step=0.05, label="× text encoder")
+                        add.click(ui.add_triggers, [prompt, name], prompt, api_visibility="private")
+                        slots += [name, on, strength, unet, te]
+                        slot_outputs += [group, name, on, strength, unet, te, add]
+                    refresh_btn = gr.Button("↻ refresh adapters", size="sm")
+                with gr.Column(scale=2):
+                    go = gr.Button("Generate", variant="primary", elem_id="generate")
+                    image = gr.Image(label="image", type="pil", format="png", elem_id="output-image",
+                                     interactive=False, height=320)
+                    settings = gr.JSON(label="settings", elem_id="settings")
+                    strengths = gr.Textbox("0, 0.5, 1, 1.5", label="sweep strengths")
+                    sweep_btn = gr.Button("Strength sweep")
+                    grid = gr.Image(label="adapters × strengths", type="pil", format="png", interactive=False,
+                                    elem_id="sweep-grid")
+
+        with gr.Tab("Train"):
+            with gr.Row():
+                with gr.Column():
+                    dataset = gr.Dropdown(ui.datasets(), label="dataset: a datasets/ folder, or type an absolute path",
+                                          allow_custom_value=True, elem_id="dataset")
+                    load_btn = gr.Button("Load captions", size="sm")
+                    files = gr.File(label="…or upload images + .txt captions, or a .zip", file_count="multiple")
+                    with gr.Row():
+                        new_ds = gr.Textbox(label="name for the uploaded dataset")
+                        import_btn = gr.Button("Import upload", size="sm")
+                    table = gr.Dataframe(headers=["image", "caption"], type="array", interactive=True,
+                                         label="captions (editable)")
+                    save_btn = gr.Button("Save captions", size="sm")
+                    data_note = gr.Markdown()
+                with gr.Column():
+                    d = TrainConfig()
+                    adapter_name = gr.Textbox(label="adapter name", elem_id="train-name")
+                    trigger = gr.Textbox(label="trigger word(s)", placeholder="e.g. pastel")
+                    with gr.Row():
+                        train_steps = gr.Number(d.steps, label="steps", precision=0, minimum=1, elem_id="train-steps")
+                        rank = gr.Number(d.rank, label="rank", precision=0, minimum=1)
+                        lr = gr.Number(d.lr, label="learning rate", minimum=0)
+                    with gr.Row():
+                        start = gr.Button("Start", variant="primary", elem_id="train-start")
+                        stop = gr.Button("Stop", variant="stop")
+                    progress = gr.HTML(elem_id="train-progress")
+                    loss_plot = gr.LinePlot(x="step", y="loss", label="loss", height=220)
+                    sample = gr.Image(label="latest samples", type="pil", format="png", interactive=False,
+                                      elem_id="train-samples")
+                    timer = gr.Timer(1.0, active=False)
+
+        with gr.Tab("Adapters"):
+            with gr.Row():
+                pick = gr.Dropdown(names, value=None, label="adapter", elem_id="adapter-pick")
+                adapters_refresh = gr.Button("↻", size="sm", scale=0)
+            info = gr.JSON(label="metadata")
+            with gr.Row():
+                fmt = gr.Radio(["kohya", "diffusers"], value="kohya", label="convert to")
+                conv_name = gr.Textbox(label="new name (default: <name>-<format>)")
+                conv_btn = gr.Button("Convert", size="sm")
+            with gr.Row():
+                chosen = gr.Dropdown(names, multiselect=True, label="merge these")
+                weights = gr.Textbox(label="weights (one per adapter)", placeholder="0.5, 0.5")
+                merge_rank = gr.Number(0, label="rank (0 = exact)", precision=0, minimum=0)
+                merge_name = gr.Textbox(label="merged name")
+                merge_btn = gr.Button("Merge", size="sm")
+            with gr.Row():
+                confirm = gr.Checkbox(label="yes, delete the adapter picked above")
+                del_btn = gr.Button("Delete", variant="stop", size="sm")
+            upload = gr.File(label="upload a .safetensors adapter", file_types=[".safetensors"])
+            status = gr.Markdown()
+
+        # --- wiring
+        lists = slot_outputs + [note, pick, chosen]
+        current = slots[::SLOT_FIELDS] + [pick, chosen]
+        for event in (app.load, refresh_btn.click, adapters_refresh.click, gen_tab.select):
+            event(ui.refresh, current, lists, show_progress="hidden", api_visibility="private")
+        common = [prompt, negative, seed, steps, guidance, size, mode]
+        for event in (go.click, prompt.submit):
+            event(_friendly(ui.generate), common + slots, [image, settings], api_name="generate",
+                  concurrency_limit=4, concurrency_id="render")
+        sweep_btn.click(_friendly(ui.sweep), common + [strengths] + slots, grid, api_name="sweep",
+                        concurrency_id="render")
+        dice.click(lambda: random.randrange(2**31), None, seed, api_visibility="private")
+        load_btn.click(_friendly(ui.load_captions), dataset, [table, data_note])
+        save_btn.click(_friendly(ui.save_captions), [dataset, table], data_note)
+        import_btn.click(_friendly(ui.import_dataset), [files, new_ds], [dataset, table, data_note])
+        start.click(_friendly(ui.start_training), [dataset, adapter_name, trigger, train_steps, rank, lr],
+                    [progress, timer], api_name="train")
+        stop.click(ui.stop_training, None, progress)
+        app.load(lambda: gr.Timer(active=ui.job is not None and ui.job.running), None, timer,  # reopened page
+                 api_visibility="private")
+        timer.tick(ui.poll, current, [progress, loss_plot, sample, timer] + lists, show_progress="hidden",
+                   concurrency_limit=None, api_visibility="private")
+        pick.change(_friendly(ui.inspect), pick, info, api_visibility="private")
+        for btn, fn, inputs in ((conv_btn, ui.convert, [pick, fmt, conv_name]),
+                                (merge_btn, ui.merge, [chosen, weights, merge_name, merge_rank]),
+                                (del_btn, ui.delete, [pick, confirm]), (upload, ui.upload, [upload])):
+            event = btn.upload if btn is upload else btn.click
+            event(_friendly(fn), inputs, status).success(ui.refresh, current, lists, show_progress="hidden",
+                                                         api_visibility="private")
+        del_btn.click(lambda: False, None, confirm, api_visibility="private")  # confirm each delete anew
+    return app
+
+
+# Tiny base images (64 px) shown large and sharp instead of as blurry thumbnails.
+CSS = """#output-image img, #sweep-grid img, #train-samples img {
+  image-rendering: pixelated; width: 100%; height: 100%; object-fit: contain; }"""
+
+
+def launch_options(host="127.0.0.1", port=7860, auth: str | None = None, max_file_mb=512) -> dict:
+    """Keyword arguments for Blocks.launch: local-only unless told, optional USER:PASS login."""
+    if auth is not None:
+        user, sep, password = auth.partition(":")
+        if not (user and sep and password):
+            raise ValueError("--auth wants USER:PASS, e.g. --auth alice:s3cret")
+        auth = (user, password)
+    return {"server_name": host, "server_port": port, "auth": auth, "max_file_size": max_file_mb * MB, "css": CSS}
+
+
+def serve(adapters_dir="adapters", base=None, *, host="127.0.0.1", port=7860, auth=None, **options) -> None:
+    """`stylelora ui`: build the app and serve it until interrupted."""
+    limit = max(options.get("max_adapter_mb", 512), options.get("max_dataset_mb", 512))
+    launch = launch_options(host, port, auth, limit)  # a bad --auth fails before the base loads
+    build_app(adapters_dir, base, **options).queue().launch(**launch)
