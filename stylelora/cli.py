@@ -29,14 +29,16 @@ def _load(args):
 
 
 def cmd_world_render(args) -> None:
-    from .world.render import parse_style, render_batch, styled_caption
+    from .world.render import TRAIN_COMBOS, parse_style, render_batch, styled_caption
 
     palette, technique = parse_style(args.style)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    for i, (scene, img) in enumerate(render_batch(args.n, args.seed, palette, technique, args.size), 1):
+    for i, (scene, img) in enumerate(render_batch(args.n, args.seed, palette, technique, args.size,
+                                                       combos=TRAIN_COMBOS), 1):
         img.save(out / f"{i:04d}.png")
         (out / f"{i:04d}.txt").write_text(styled_caption(scene, palette, technique) + "\n")
+    # Content from the pretraining combinations only: held-out combinations stay unseen for `eval`.
     print(f"wrote {args.n} images with captions to {out}")
 
 
@@ -65,15 +67,18 @@ def cmd_world_pretrain(args) -> None:
 
 
 def cmd_eval(args) -> None:
-    from .evaluate import diffusers_adapters, evaluate, parse_adapter_spec
+    from .blend import AdapterStack, Scale
+    from .evaluate import evaluate, parse_adapter_spec
 
-    specs = [parse_adapter_spec(a)[:2] for a in args.adapter]
+    specs = [parse_adapter_spec(a) for a in args.adapter]
     pipe = _load(args)
-    with diffusers_adapters(pipe, specs) as triggers:
-        # Prompts carry the adapters' trigger words, as a user of a style adapter would write them.
-        prefix = "".join(f"{t}, " for t in triggers)
-        result = evaluate(pipe, n=args.n, seed=args.seed, prefix=prefix, steps=args.steps,
-                          guidance=args.guidance)
+    stack = AdapterStack(pipe)
+    triggers: list[str] = []
+    for i, (path, unet_scale, te_scale) in enumerate(specs):
+        adapter = stack.add(f"adapter{i}", path, Scale(unet_scale, unet_scale if te_scale is None else te_scale))
+        triggers += [t for t in adapter.trigger_words if t not in triggers]
+    # Prompts carry the adapters' trigger words, as a user of a style adapter would write them.
+    result = evaluate(pipe, n=args.n, seed=args.seed, triggers=triggers, steps=args.steps, guidance=args.guidance)
     print(json.dumps(result) if args.json else json.dumps(result, indent=2))
 
 

@@ -14,8 +14,9 @@ Folder layout (searched recursively; names starting with "." are ignored):
   below it, at any depth, N times per epoch; every other image appears once. N counts samples,
   not steps: `3_style` with 10 images is 30 samples.
 - Checks: every image is opened and decoded once here, so a bad file is skipped with one line
-  saying why (empty, truncated, not an image, over MAX_PIXELS, under MIN_SIDE px, unsupported
-  colour mode, caption not UTF-8) instead of failing a training run hours later.
+  saying why (empty, unreadable, truncated, not an image, over MAX_PIXELS, under MIN_SIDE px,
+  more elongated than MAX_ASPECT, unsupported colour mode, caption not UTF-8 or unreadable)
+  instead of failing a training run hours later. Unreadable folders are reported the same way.
 - Randomness (crops, flips, caption shuffle/dropout) comes only from a random.Random seeded with
   (seed, epoch, sample index), and batch order from (seed, epoch): a resumed run replays the
   exact samples and batches of an uninterrupted one.
@@ -44,6 +45,10 @@ IMAGE_EXTS = (".bmp", ".gif", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp")
 METADATA = "metadata.jsonl"
 MAX_PIXELS = 64_000_000  # below PIL's own bomb limit (~89 MP), so we decide first, per file
 MIN_SIDE = 8
+# Longest side / shortest side. Buckets stop at 2:1, so a 500:1 strip would be upscaled to cover
+# a bucket (a 64-MP 8,000,000x8 PNG compresses to kilobytes and becomes gigapixels) only to keep
+# a sliver of it: refuse it at discovery instead.
+MAX_ASPECT = 8
 # Modes load_image turns into RGB; anything else (e.g. LAB) is skipped at discovery.
 MODES = frozenset("1 L LA P PA RGB RGBA RGBa RGBX CMYK YCbCr HSV I I;16 I;16B I;16L I;16N F".split())
 _ALPHA_MODES = frozenset({"LA", "PA", "RGBA", "RGBa"})
@@ -82,7 +87,7 @@ def discover(root: str | os.PathLike, caption_ext: str = ".txt") -> tuple[list[I
         raise ValueError(f"dataset {root} is a file, not a folder: pass the folder that holds the images")
     meta = _read_metadata(root / METADATA)
     items, skipped = [], []
-    rels = _image_files(root)
+    rels = _image_files(root, skipped)
     for rel in rels:
         path = root / rel
         try:
@@ -105,10 +110,16 @@ def discover(root: str | os.PathLike, caption_ext: str = ".txt") -> tuple[list[I
     return items, skipped
 
 
-def _image_files(root: Path) -> list[str]:
-    """Relative posix paths of the image files under root, sorted."""
+def _image_files(root: Path, skipped: list[tuple[Path, str]] | None = None) -> list[str]:
+    """Relative posix paths of the image files under root, sorted. Folders that cannot be listed
+    go to `skipped` (os.walk would otherwise drop them without a word)."""
+    def unreadable(e: OSError) -> None:
+        if skipped is not None:
+            skipped.append((Path(e.filename), f"folder not readable ({e.strerror}); fix its permissions "
+                                              "(chmod +rx) or move it out of the dataset"))
+
     found = []
-    for dirpath, dirnames, filenames in os.walk(root):
+    for dirpath, dirnames, filenames in os.walk(root, onerror=unreadable):
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]  # .git, .ipynb_checkpoints, ...
         found += [Path(dirpath, f).relative_to(root).as_posix() for f in filenames
                   if not f.startswith(".") and os.path.splitext(f)[1].lower() in IMAGE_EXTS]
@@ -123,6 +134,8 @@ def _read_metadata(path: Path) -> dict[str, tuple[str, int]]:
         lines = path.read_text(encoding="utf-8-sig").splitlines()
     except UnicodeDecodeError:
         raise ValueError(f"{path} is not UTF-8; re-save it as UTF-8") from None
+    except OSError as e:
+        raise ValueError(f"{path} is not readable ({e.strerror}); fix its permissions (chmod +r)") from None
     out: dict[str, tuple[str, int]] = {}
     for n, line in enumerate(lines, 1):
         if not line.strip():
@@ -158,6 +171,9 @@ def _probe(path: Path) -> tuple[int, int]:
                                 "(possible decompression bomb); downscale it")
                 if min(w, h) < MIN_SIDE:
                     raise _Skip(f"too small: {w}x{h}, need at least {MIN_SIDE} px per side; use a larger image")
+                if max(w, h) > MAX_ASPECT * min(w, h):
+                    raise _Skip(f"too elongated: {w}x{h} is more than {MAX_ASPECT}:1, and a training crop "
+                                "would keep only a sliver of it; crop it into less elongated pieces")
                 if im.mode not in MODES:
                     raise _Skip(f"colour mode {im.mode} is not supported; convert it to RGB")
                 # JPEG: decode at 1/8 scale. Every byte is still read, so truncation still shows.
@@ -168,6 +184,8 @@ def _probe(path: Path) -> tuple[int, int]:
         raise _Skip(f"too large (possible decompression bomb: {e}); downscale it") from None
     except UnidentifiedImageError:
         raise _Skip("not an image PIL can read (wrong extension or not an image); delete or convert it") from None
+    except PermissionError as e:
+        raise _Skip(f"not readable ({e.strerror}); fix its permissions (chmod +r) or delete it") from None
     except (OSError, SyntaxError, ValueError, EOFError, struct.error) as e:
         raise _Skip(f"truncated or corrupt image ({e}); export it again or delete it") from None
     return (h, w) if quarter_turn else (w, h)
@@ -183,6 +201,8 @@ def _caption(path: Path, rel: str, meta: dict[str, tuple[str, int]], caption_ext
         return txt.read_text(encoding="utf-8-sig").strip(), txt.name
     except UnicodeDecodeError:
         raise _Skip(f"caption {txt.name} is not UTF-8; re-save it as UTF-8") from None
+    except OSError as e:  # e.g. permission denied: skip the pair rather than train it uncaptioned
+        raise _Skip(f"caption {txt.name} is not readable ({e.strerror}); fix its permissions (chmod +r)") from None
 
 
 def _repeats(rel: str) -> int:
@@ -198,6 +218,17 @@ def format_report(items: list[Item], skipped: list[tuple[Path, str]]) -> str:
     if missing:
         lines.append(f"warning: {_plural(len(missing), 'image')} without a caption train with an empty caption "
                      f"({_first(missing)}); add same-stem caption files or {METADATA} lines")
+    blank = [caption_file(it) for it in items if it.caption_source is not None and not it.caption]
+    if blank:
+        lines.append(f"warning: {_plural(len(blank), 'caption')} {'is' if len(blank) == 1 else 'are'} empty "
+                     f"({_first(blank)}), so {'its image trains' if len(blank) == 1 else 'their images train'} "
+                     "with an empty caption; write the captions")
+    nested = sorted({"/".join(PurePosixPath(it.rel).parts[:i + 1]) for it in items
+                     for i, part in enumerate(PurePosixPath(it.rel).parts[1:-1], 1) if _REPEAT_DIR.fullmatch(part)})
+    if nested:
+        lines.append(f"warning: repeats folders below the top level set no count ({_first(nested)}): only a "
+                     "folder directly in the dataset folder sets repeats, for every image below it; move "
+                     "the folder up a level if it needs its own count")
     stems = defaultdict(list)  # same stem, same folder, one caption file (or none) between them
     for it in items:
         if it.caption_source != METADATA:
@@ -211,6 +242,13 @@ def format_report(items: list[Item], skipped: list[tuple[Path, str]]) -> str:
     lines.append(f"{_plural(len(items), 'image')} ({_plural(folders, 'folder')}, "
                  f"{_plural(samples, 'sample')} with repeats), {len(skipped)} skipped")
     return "\n".join(lines)
+
+
+def caption_file(it: Item) -> str:
+    """Where an item's caption comes from, relative to the dataset: 'sub/a.txt' or 'metadata.jsonl (sub/a.png)'."""
+    if it.caption_source == METADATA:
+        return f"{METADATA} ({it.rel})"
+    return str(PurePosixPath(it.rel).with_name(it.caption_source or "-"))
 
 
 def _plural(n: int, word: str) -> str:
@@ -311,7 +349,7 @@ class CaptionProcessor:
         tags = split_tags(caption)
         # Trigger tags the caption lacks go in front and are always kept: keep_tokens counts
         # from the caption as written, so it means the same with or without a trigger.
-        added = [t for t in split_tags(self.trigger or "") if t not in tags]
+        added = list(dict.fromkeys(t for t in split_tags(self.trigger or "") if t not in tags))  # each once
         keep = len(added) + self.keep_tokens
         tags = added + tags
         if self.shuffle:
@@ -428,12 +466,36 @@ class CaptionFolder(Dataset):
         """Image k's caption with the trigger, never shuffled or dropped: a prompt for samples."""
         return CaptionProcessor(self.captions.trigger)(self.items[k].caption, random.Random(0))
 
+    def long_captions(self, tokenizer) -> list[str]:
+        """Warning lines for captions that (trigger included) are longer than the text encoder reads:
+        the tokenizer cuts them, so their last tags never train. Empty when all fit."""
+        limit = tokenizer.model_max_length
+        over = []
+        for k, it in enumerate(self.items):
+            if it.caption:  # verbose=False: no "longer than the maximum" log line per caption
+                n = len(tokenizer(self.caption_for_sampling(k), truncation=False, verbose=False).input_ids)
+                if n > limit:
+                    over.append(f"{caption_file(it)}: {n} tokens")
+        if not over:
+            return []
+        return [f"warning: {_plural(len(over), 'caption')} {'is' if len(over) == 1 else 'are'} longer than the "
+                f"text encoder's {limit} tokens and will be truncated ({_first(over)}); shorten "
+                f"{'it' if len(over) == 1 else 'them'} or move the important tags to the front"]
+
     def guess_triggers(self) -> list[str]:
-        """Leading tags every captioned image shares (kohya's "trigger, caption"), e.g. ["outline"]."""
+        """Tags every captioned image shares at its start ("trigger, caption", kohya's habit) or at
+        its end ("caption, trigger", the example datasets' convention), e.g. ["outline"]."""
         tag_lists = [split_tags(it.caption) for it in self.items if it.caption]
-        prefix = os.path.commonprefix(tag_lists) if tag_lists else []  # element-wise on lists
-        # Identical captions (or a single image): the last shared tag describes, it does not trigger.
-        return prefix[:-1] if all(len(t) == len(prefix) for t in tag_lists) else prefix
+        if not tag_lists:
+            return []
+        if all(t == tag_lists[0] for t in tag_lists):  # one caption: its leading tags, not its description
+            return tag_lists[0][:-1]
+        found = []
+        for lists in (tag_lists, [t[::-1] for t in tag_lists]):  # shared prefix, then shared suffix
+            shared = os.path.commonprefix(lists)  # element-wise on lists
+            if any(len(t) > len(shared) for t in lists):  # else one caption is all shared: no trigger
+                found += shared if lists is tag_lists else shared[::-1]
+        return list(dict.fromkeys(found))
 
 
 class BucketBatchSampler(Sampler[list[int]]):

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import time
 from pathlib import Path
 
 from .base import load_base
-from .evaluate import evaluate, generate_images
+from .evaluate import evaluate, generate_images, heldout_scenes
 from .grid import image_grid
 from .world.render import BACKGROUNDS, COLORS, SHAPES
 
@@ -25,6 +27,9 @@ def prompt_grid(pipe, seed: int = 0):
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", default="out/demo")
+    parser.add_argument("--style", default="outline", help="example style in datasets/ to train")
+    parser.add_argument("--ui", default=os.environ.get("UI", "1") != "0", action=argparse.BooleanOptionalAction,
+                        help="end by serving the web UI with the demo adapter (UI=0 skips)")
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -44,7 +49,40 @@ def main(argv=None) -> None:
     print(f"judge on 48 held-out prompts ({time.time() - t:.1f}s): shape {quality['shape_acc']:.0%}, "
           f"colour {quality['color_acc']:.0%}, flat {quality['palette']['flat'] * quality['technique']['flat']:.0%}"
           f" (backgrounds: {', '.join(BACKGROUNDS)})")
+
+    # The main job: train a style adapter on an example folder, then turn its strength up.
+    from .blend import AdapterStack
+    from .train import TrainConfig, train
+    from .world.render import PALETTES
+
+    dataset = Path(__file__).resolve().parents[1] / "datasets" / args.style
+    adapters = out / "adapters"
+    adapter = adapters / f"{args.style}.safetensors"
+    t = time.time()
+    train(TrainConfig(dataset=str(dataset), out=str(adapter), run_dir=str(out / "runs" / args.style)))
+    print(f"trained {adapter} in {time.time() - t:.0f}s")
+    shutil.copy(out / "runs" / args.style / "loss.png", out / "loss.png")
+    stack = AdapterStack(pipe)
+    stack.add(args.style, adapter)
+    strengths = [0.0, 0.25, 0.5, 0.75, 1.0]
+    scenes = [s.caption() for s in (heldout_scenes(4, seed=3))]
+    rows = [stack.sweep(f"{c}, {args.style}", strengths, seed=i)[0] for i, c in enumerate(scenes)]
+    image_grid(rows, [c.removeprefix("a ").replace(" background", "") for c in scenes],
+               [f"{s:g}" for s in strengths]).save(out / "strength_grid.png")
+    family = "palette" if args.style in PALETTES else "technique"
+    hits = {}
+    for s in (0.0, 1.0):
+        stack.set_scales({args.style: s})
+        hits[s] = evaluate(pipe, n=48, triggers=[args.style])[family][args.style]
+    print(f"wrote {out / 'strength_grid.png'}; judge calls {hits[0.0]:.0%} of 48 held-out images "
+          f"'{args.style}' at strength 0 and {hits[1.0]:.0%} at strength 1")
     print(f"demo output in {out}/")
+    stack.reset()
+    if args.ui:
+        from .cli import main as cli_main
+
+        print("starting the web UI with the demo adapter (Ctrl-C stops it; `make demo UI=0` skips it)")
+        cli_main(["ui", "--adapters", str(adapters)])
 
 
 if __name__ == "__main__":

@@ -54,10 +54,11 @@ def score(images: list[Image.Image], scenes: list[Scene]) -> dict:
     }
 
 
-def evaluate(pipe, n: int = 120, seed: int = 0, prefix: str = "", **gen_kwargs) -> dict:
-    """Generate n held-out prompts (optionally prefixed, e.g. with trigger words) and score them."""
+def evaluate(pipe, n: int = 120, seed: int = 0, triggers: list[str] = (), **gen_kwargs) -> dict:
+    """Generate n held-out prompts (with the trigger words as trailing tags, as the example
+    datasets caption them) and score them."""
     scenes = heldout_scenes(n, seed)
-    prompts = [f"{prefix}{s.caption()}" for s in scenes]
+    prompts = [", ".join([s.caption(), *triggers]) for s in scenes]
     images = generate_images(pipe, prompts, [seed + i for i in range(n)], **gen_kwargs)
     return score(images, scenes)
 

@@ -366,6 +366,10 @@ def test_sampling_helpers(tmp_path):
     solo = tmp_path / "solo"
     solid(solo / "a.png", caption="pastel, a red star")
     assert CaptionFolder(solo).guess_triggers() == ["pastel"]
+    trailing = tmp_path / "trailing"  # the example datasets' convention: "caption, trigger"
+    for i in range(3):
+        solid(trailing / f"{i}.png", caption=f"a thing {i}, sepia, dots")
+    assert CaptionFolder(trailing).guess_triggers() == ["sepia", "dots"]
 
 
 # ----------------------------------------------------------------------------- sampler

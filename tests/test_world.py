@@ -48,7 +48,7 @@ def test_styles_compose_orthogonally():
     with pytest.raises(ValueError, match="unknown style 'glitter'"):
         W.parse_style("glitter")
     scene = W.Scene("circle", "green", "gray")
-    assert W.styled_caption(scene, "pastel", "dots") == "pastel, dots, a green circle on a gray background"
+    assert W.styled_caption(scene, "pastel", "dots") == "a green circle on a gray background, pastel, dots"
 
 
 def test_heldout_combos_are_disjoint_and_cover_every_value():
