@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import errno
 import hashlib
 import json
 import math
@@ -35,8 +36,11 @@ PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
 # == diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY (a test pins it); spelled out so that
 # reading our own files never pays for importing diffusers.
 DIFFUSERS_META_KEY = "lora_adapter_metadata"
-JSON_KEYS = (DIFFUSERS_META_KEY,) + tuple(PREFIX + k for k in ("rank", "alpha", "targets", "trigger_words",
-                                                                 "training", "dataset"))
+# The JSON-valued metadata entries and the JSON type each must hold.
+JSON_TYPES = {DIFFUSERS_META_KEY: dict, PREFIX + "rank": (int, float), PREFIX + "alpha": (int, float),
+              PREFIX + "targets": list, PREFIX + "trigger_words": list, PREFIX + "training": dict,
+              PREFIX + "dataset": dict}
+JSON_KEYS = tuple(JSON_TYPES)
 KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
 # `unet.save_lora_adapter` writes keys without a component prefix; their roots say whose they are.
 _BARE_ROOTS = {"unet": ("down_blocks.", "mid_block.", "up_blocks.", "conv_in.", "conv_out.", "time_embedding."),
@@ -53,6 +57,9 @@ class LoraLayer:
     alpha: float
 
     def __post_init__(self):
+        if not (self.down.is_floating_point() and self.up.is_floating_point()):
+            raise ValueError(f"LoRA down/up are {self.down.dtype}/{self.up.dtype}: LoRA weights must be "
+                             "floating point")
         if self.down.ndim not in (2, 4) or self.up.ndim != self.down.ndim or self.up.shape[1] != self.down.shape[0]:
             raise ValueError(f"LoRA down {tuple(self.down.shape)} and up {tuple(self.up.shape)} do not pair: "
                              "need down (rank, in) and up (out, rank)")
@@ -168,8 +175,11 @@ def _atomic_save(tensors: dict[str, torch.Tensor], metadata: dict[str, str], pat
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            raise OSError(errno.ENOSPC, f"no space left on device while writing {path}: free some space "
+                                        "and write it again (nothing was written under that name)") from e
         raise
     return path
 
@@ -272,10 +282,26 @@ def _read_checked(path: Path, max_header_bytes: int) -> tuple[dict[str, torch.Te
 def _json_meta(metadata: Mapping[str, str], key: str, path: Path | None) -> Any:
     raw = metadata.get(key)
     try:
-        return None if raw is None else json.loads(raw)
+        value = None if raw is None else json.loads(raw)
     except (TypeError, json.JSONDecodeError) as e:
         raise ValueError(f"{path or 'adapter'}: metadata {key!r} is not valid JSON ({e}); "
                          "fix or delete that entry and save the file again") from e
+    want = JSON_TYPES.get(key, object)
+    if value is not None and (not isinstance(value, want) or isinstance(value, bool)
+                              or (key == PREFIX + "trigger_words" and not all(isinstance(w, str) for w in value))):
+        kind = {dict: "a JSON object", list: "a JSON list"}.get(want, "a JSON number")
+        raise ValueError(f"{path or 'adapter'}: metadata {key!r} must be {kind}"
+                         f"{' of strings' if key == PREFIX + 'trigger_words' else ''}, got {raw[:80]!r}; "
+                         "fix or delete that entry and save the file again")
+    return value
+
+
+def _scalar(path: Path, key: str, t: torch.Tensor) -> float:
+    """An .alpha tensor as a number: it must hold exactly one value (NaN/inf were refused on reading)."""
+    if t.numel() != 1:
+        raise ValueError(f"{path}: {key} should hold one number (the layer's alpha) but has shape "
+                         f"{tuple(t.shape)}; the file is corrupt, re-export it")
+    return float(t.item())
 
 
 def _unknown(path: Path, keys: list[str]) -> ValueError:
@@ -323,7 +349,7 @@ def _layers(path: Path, comp: str, sd: dict[str, torch.Tensor],
             continue
         module = m["module"].removeprefix("text_model.") if comp == "text_encoder" else m["module"]
         if m["alpha"]:
-            alphas[module] = float(t.item())
+            alphas[module] = _scalar(path, f"{comp}.{key}", t)
         else:
             pairs[module][m["ab"]] = t
     if unknown:
@@ -334,9 +360,9 @@ def _layers(path: Path, comp: str, sd: dict[str, torch.Tensor],
             raise ValueError(f"{path}: {comp}.{module} has lora_{''.join(ab)} without its partner; "
                              "the file is incomplete, re-export it")
         try:
-            layers[f"{comp}.{module}"] = LoraLayer(ab["A"], ab["B"], alpha_of(module, ab["A"].shape[0],
-                                                                                alphas.get(module)))
-        except ValueError as e:
+            rank = ab["A"].shape[0] if ab["A"].ndim else 0  # a 0-d "matrix" fails in LoraLayer below
+            layers[f"{comp}.{module}"] = LoraLayer(ab["A"], ab["B"], alpha_of(module, rank, alphas.get(module)))
+        except (ValueError, TypeError) as e:
             raise ValueError(f"{path}: layer {comp}.{module}: {e}") from e
     return layers
 
@@ -357,6 +383,13 @@ def _from_diffusers(path: Path, tensors: dict[str, torch.Tensor], metadata: dict
     layers = {}
     for comp, sd in _split_components(path, tensors).items():
         config = {k.removeprefix(comp + "."): v for k, v in lora_meta.items() if k.startswith(comp + ".")}
+        number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
+        for name, ok in (("lora_alpha", number),
+                         ("alpha_pattern", lambda v: isinstance(v, dict) and all(map(number, v.values())))):
+            if config.get(name) is not None and not ok(config[name]):
+                raise ValueError(f"{path}: metadata {DIFFUSERS_META_KEY!r} has {comp}.{name} = {config[name]!r}, "
+                                 f"which must be {'a number' if name == 'lora_alpha' else 'an object of numbers'}; "
+                                 "fix or delete that entry")
         # diffusers' precedence: the LoraConfig metadata, else `.alpha` keys, else alpha = rank.
         layers |= _layers(path, comp, sd, lambda m, r, a, c=config: _config_alpha(c, m, r) if c else a or r)
     return layers
@@ -387,7 +420,7 @@ def _from_kohya(path: Path, tensors: dict[str, torch.Tensor]) -> dict[str, LoraL
         comp = {k.split(".", 1)[0] for k in converted}.pop()
         if comp not in COMPONENTS:  # e.g. SDXL's second text encoder
             raise _unknown(path, [f"{name}.lora_down.weight"])
-        alpha = float(g["alpha"].item()) if "alpha" in g else 0.0
+        alpha = _scalar(path, f"{name}.alpha", g["alpha"]) if "alpha" in g else 0.0
         sd = {k.split(".", 1)[1]: v for k, v in converted.items()}
         layers |= _layers(path, comp, sd, lambda m, r, a, kohya=alpha: kohya or float(r))
     return layers

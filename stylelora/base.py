@@ -56,8 +56,11 @@ def load_base(spec: str | os.PathLike | None = None, *, config: str | os.PathLik
     """
     from diffusers import StableDiffusionPipeline
     from diffusers.utils import logging as dlogging
+    from transformers.utils import logging as tlogging
 
     dlogging.set_verbosity_error()  # tiny-model config notes are noise to a user
+    dlogging.disable_progress_bar()  # "Loading pipeline components" bars on every load
+    tlogging.disable_progress_bar()
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)
     if spec is None or str(spec) in EMBEDDED_NAMES:
@@ -73,8 +76,17 @@ def load_base(spec: str | os.PathLike | None = None, *, config: str | os.PathLik
     if path.is_dir():
         if not (path / "model_index.json").is_file():
             raise ValueError(f"{path} is not a diffusers pipeline folder (no model_index.json)")
-        pipe = StableDiffusionPipeline.from_pretrained(path, local_files_only=True, torch_dtype=dt,
-                                                       safety_checker=None, requires_safety_checker=False)
+        try:
+            # use_safetensors=True: a folder holding only .bin weights would be unpickled otherwise.
+            pipe = StableDiffusionPipeline.from_pretrained(path, local_files_only=True, dtype=dt,
+                                                           use_safetensors=True, safety_checker=None,
+                                                           requires_safety_checker=False)
+        except OSError as e:
+            if any(path.rglob("*.bin")):
+                raise ValueError(f"{path} holds pickle (.bin) weights, which can run code when loaded; "
+                                 "stylelora only loads .safetensors. Re-save the pipeline with "
+                                 "save_pretrained(..., safe_serialization=True).") from e
+            raise ValueError(f"could not load the diffusers folder {path}: {e}") from e
     elif path.suffix.lower() in PICKLE_SUFFIXES:
         raise ValueError(f"{path} is a pickle-based checkpoint, which can run code when loaded; "
                          "stylelora only loads .safetensors. Convert it to .safetensors first.")
@@ -83,7 +95,7 @@ def load_base(spec: str | os.PathLike | None = None, *, config: str | os.PathLik
             raise ValueError(f"single-file checkpoint {path} needs a local diffusers config folder of "
                              "the same architecture: pass config=DIR (CLI: --base-config DIR)")
         pipe = StableDiffusionPipeline.from_single_file(
-            str(path), config=str(config), local_files_only=True, torch_dtype=dt,
+            str(path), config=str(config), local_files_only=True, dtype=dt,
             safety_checker=None, requires_safety_checker=False)
     else:
         raise ValueError(f"don't know how to load base {path}: expected a diffusers folder or a .safetensors file")

@@ -54,7 +54,8 @@ class Scale:
         self.unet, self.text_encoder = float(self.unet), float(self.text_encoder)
         self.blocks = {b: float(v) for b, v in self.blocks.items()}
         if not all(map(math.isfinite, (self.unet, self.text_encoder, *self.blocks.values()))):
-            raise ValueError(f"scales must be finite numbers, got {self}")
+            raise ValueError(f"adapter scales must be finite numbers, got unet={self.unet}, text_encoder="
+                             f"{self.text_encoder}, blocks={self.blocks}: use values like 0.8")
 
     @classmethod
     def parse(cls, value: Any) -> Scale:

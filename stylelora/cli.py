@@ -357,8 +357,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (UserError, ValueError, FileNotFoundError) as e:
-        # User mistakes reach here with a message that names the value and the fix.
+    except (UserError, ValueError, OSError) as e:
+        # User mistakes (and a full disk, a read-only folder) reach here with a message that names
+        # the file or value and the fix; a traceback would bury it.
         print(f"stylelora: error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
@@ -40,8 +41,9 @@ def generate_images(pipe, prompts: list[str], seeds: list[int], steps: int = DEF
     return images
 
 
-def score(images: list[Image.Image], scenes: list[Scene]) -> dict:
-    """Judge's verdicts against what the prompts asked for."""
+def score(images: list[Image.Image], scenes: list[Scene], per_image: bool = False) -> dict:
+    """Judge's verdicts against what the prompts asked for (per_image: also each image's labels,
+    for joint rates such as "both stacked styles seen")."""
     pred = judge_images(images)
     n = len(images)
     pal, tech = Counter(pred["palette"]), Counter(pred["technique"])
@@ -51,7 +53,7 @@ def score(images: list[Image.Image], scenes: list[Scene]) -> dict:
         "color_acc": sum(p == s.color for p, s in zip(pred["color"], scenes)) / n,
         "palette": {k: pal[k] / n for k in PALETTES},
         "technique": {k: tech[k] / n for k in TECHNIQUES},
-    }
+    } | ({"per_image": pred} if per_image else {})
 
 
 def evaluate(pipe, n: int = 120, seed: int = 0, triggers: list[str] = (), **gen_kwargs) -> dict:
@@ -74,6 +76,9 @@ def parse_adapter_spec(spec: str) -> tuple[str, float, float | None]:
             break
         parts.pop()
     path = ":".join(parts)
+    if any(not math.isfinite(x) for x in numbers):
+        raise ValueError(f"adapter scale in {spec!r} is not a finite number: use e.g. "
+                         f"{path or 'PATH'}:0.8")
     if not path or (spec.count(":") > len(numbers) and not Path(path).exists()):
         raise ValueError(f"malformed adapter {spec!r}: use PATH, PATH:SCALE or PATH:SCALE:TE_SCALE "
                          "(e.g. pastel.safetensors:0.8)")

@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import errno
 import hashlib
 import json
 import math
 import os
 import shutil
 import time
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -93,6 +95,7 @@ class TrainConfig:
             if not ok:
                 raise ValueError(msg)
 
+        _check_types(self)
         need(self.rank > 0, f"rank must be a positive integer, got {self.rank}: try --rank 4")
         need(self.alpha is None or self.alpha > 0, f"alpha must be positive, got {self.alpha}")
         need(self.lr > 0, f"learning rate must be positive, got {self.lr}: try --lr 1e-3")
@@ -110,6 +113,12 @@ class TrainConfig:
         need(self.mixed_precision in PRECISIONS,
              f"mixed_precision {self.mixed_precision!r} unknown: use one of {PRECISIONS}")
         need(self.min_snr_gamma is None or self.min_snr_gamma > 0, "min_snr_gamma must be positive or None")
+        need(self.log_every > 0, f"log_every must be positive, got {self.log_every}: try 10")
+        for name in ("sample_every", "checkpoint_every", "warmup_steps", "weight_decay", "max_grad_norm",
+                     "noise_offset"):
+            need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
+        need(self.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1, got {self.keep_checkpoints} "
+             "(0 would delete each checkpoint as it is written): use checkpoint_every = 0 for none")
         from .lora import UNET_PRESETS
 
         need(self.targets in UNET_PRESETS, f"targets {self.targets!r} unknown: use one of {sorted(UNET_PRESETS)}")
@@ -129,6 +138,32 @@ class TrainConfig:
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
 
 
+def _check_types(cfg: TrainConfig) -> None:
+    """A TOML file can give any field any type: name the field and what it takes (instead of a
+    bare TypeError from the first comparison). Paths are accepted for strings and made strings."""
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(cfg):
+        value, kind = getattr(cfg, f.name), hints[f.name]
+        args = typing.get_args(kind)
+        optional = type(None) in args
+        base = list if typing.get_origin(kind) is list else next((a for a in args if a is not type(None)), kind)
+        if value is None and optional:
+            continue
+        if base is str and isinstance(value, os.PathLike):
+            value = os.fspath(value)
+            setattr(cfg, f.name, value)
+        ok = {bool: lambda v: isinstance(v, bool),
+              int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+              float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+              str: lambda v: isinstance(v, str),
+              list: lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v)}[base](value)
+        if not ok:
+            what = {bool: "true or false", int: "an integer", float: "a number", str: "a string",
+                    list: "a list of strings"}[base]
+            raise ValueError(f"{f.name} must be {what}{' (or unset)' if optional else ''}, got {value!r} "
+                             f"({type(value).__name__})")
+
+
 def load_toml(path: str | os.PathLike) -> dict:
     """Read a TOML config; unknown keys are an error naming them."""
     import tomllib
@@ -140,7 +175,11 @@ def load_toml(path: str | os.PathLike) -> dict:
         data = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as e:
         raise ValueError(f"config file {path} is not valid TOML: {e}") from None
-    data = data.get("train", data)  # allow a [train] table or top-level keys
+    if isinstance(data.get("train"), dict):  # a [train] table, or top-level keys, not both
+        if outside := sorted(set(data) - {"train"}):
+            raise ValueError(f"{path} has key(s) {outside} outside its [train] table, where they would be "
+                             "ignored: move them into [train] (or drop the [train] header)")
+        data = data["train"]
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     unknown = sorted(set(data) - known)
     if unknown:
@@ -176,7 +215,19 @@ def _atomic_save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata=
 
     tmp = path.with_name(path.name + ".tmp")
     save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
+    _fsync(tmp)
     os.replace(tmp, path)
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file (or a folder's entries) to disk: a rename must not outlive the data it names."""
+    if os.name == "nt" and path.is_dir():  # Windows cannot open a folder for fsync
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _make_optimizer(cfg: TrainConfig, groups):
@@ -197,8 +248,6 @@ def save_checkpoint(run: Path, step: int, named_params: dict[str, torch.nn.Param
     """Full training state at `step` into run/checkpoints/step-N, written beside and renamed."""
     final = run / "checkpoints" / f"step-{step:06d}"
     tmp = final.with_name(final.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     index = {id(p): n for n, p in named_params.items()}
     moments = {}
     for group in optimizer.param_groups:
@@ -206,15 +255,39 @@ def save_checkpoint(run: Path, step: int, named_params: dict[str, torch.nn.Param
             for k, v in optimizer.state.get(p, {}).items():
                 if torch.is_tensor(v):
                     moments[f"{index[id(p)]}::{k}"] = v
-    _atomic_save_tensors(dict(named_params), tmp / "lora.safetensors")
-    _atomic_save_tensors(moments, tmp / "optimizer.safetensors")
-    (tmp / "state.json").write_text(json.dumps({"step": step, "config": cfg.summary()}, indent=2))
-    shutil.rmtree(final, ignore_errors=True)
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        _atomic_save_tensors(dict(named_params), tmp / "lora.safetensors")
+        _atomic_save_tensors(moments, tmp / "optimizer.safetensors")
+        (tmp / "state.json").write_text(json.dumps({"step": step, "config": cfg.summary()}, indent=2))
+        _fsync(tmp / "state.json")
+    except OSError as e:  # e.g. a full disk: keep the last good checkpoint, say which one it is
+        shutil.rmtree(tmp, ignore_errors=True)
+        prev = sorted((run / "checkpoints").glob("step-??????"))
+        why = "no space left on device" if e.errno == errno.ENOSPC else (e.strerror or str(e))
+        raise OSError(e.errno, f"{why} while writing checkpoint {final}: free space (or fix the folder), then "
+                               f"resume with --resume {run}" + (f" (the last complete checkpoint, {prev[-1].name}, "
+                               "is intact)" if prev else " (there is no earlier checkpoint)")) from e
+    _discard(final)  # the same step saved again (a resume from an earlier checkpoint)
     os.replace(tmp, final)
+    _fsync(final.parent)
     kept = sorted((run / "checkpoints").glob("step-??????"))
     for old in kept[: max(0, len(kept) - cfg.keep_checkpoints)]:
-        shutil.rmtree(old, ignore_errors=True)
+        _discard(old)
+    for stale in (run / "checkpoints").glob("step-*.deleting"):  # left by a run killed mid-delete
+        shutil.rmtree(stale, ignore_errors=True)
     return final
+
+
+def _discard(folder: Path) -> None:
+    """Delete a checkpoint so that no half-deleted one ever sits under a step-N name (rmtree removes
+    files one by one): rename it aside, atomically, then delete it."""
+    if folder.exists():
+        trash = folder.with_name(folder.name + ".deleting")
+        shutil.rmtree(trash, ignore_errors=True)
+        os.replace(folder, trash)
+        shutil.rmtree(trash, ignore_errors=True)
 
 
 def find_checkpoint(path: str | os.PathLike) -> Path:
@@ -233,20 +306,28 @@ def find_checkpoint(path: str | os.PathLike) -> Path:
 def load_checkpoint(ckpt: Path, named_params, optimizer) -> int:
     from safetensors.torch import load_file
 
-    weights = load_file(str(ckpt / "lora.safetensors"))
+    try:
+        weights = load_file(str(ckpt / "lora.safetensors"))
+        moments = load_file(str(ckpt / "optimizer.safetensors"))
+        step = json.loads((ckpt / "state.json").read_text())["step"]
+    except Exception as e:  # SafetensorError, OSError, JSON errors: all mean a damaged checkpoint
+        raise ValueError(f"checkpoint {ckpt} is damaged ({type(e).__name__}: {e}); resume from an earlier "
+                         "one by passing its folder to --resume") from e
     missing = set(named_params) - set(weights)
-    if missing:
-        raise ValueError(f"checkpoint {ckpt} does not match this run's LoRA layout (missing "
-                         f"{sorted(missing)[:3]}): resume with the same targets, rank and base")
+    wrong = [n for n in named_params if n in weights and weights[n].shape != named_params[n].shape]
+    if missing or wrong:
+        what = (f"missing {sorted(missing)[:3]}" if missing else
+                f"{wrong[0]} is {tuple(weights[wrong[0]].shape)} there, {tuple(named_params[wrong[0]].shape)} here")
+        raise ValueError(f"checkpoint {ckpt} does not match this run's LoRA layout ({what}): resume with the "
+                         "same targets, rank and base")
     with torch.no_grad():
         for n, p in named_params.items():
             p.copy_(weights[n])
-    moments = load_file(str(ckpt / "optimizer.safetensors"))
     for n, p in named_params.items():
         state = {k.split("::", 1)[1]: v for k, v in moments.items() if k.split("::", 1)[0] == n}
         if state:
             optimizer.state[p] = state
-    return json.loads((ckpt / "state.json").read_text())["step"]
+    return step
 
 
 # ----------------------------------------------------------------------------- the run
@@ -263,9 +344,16 @@ def train(cfg: TrainConfig, *, on_log: Callable[[dict], None] | None = None,
 
     from .adapters import adapter_from_pipeline, fingerprint, save_adapter
     from .base import base_name, load_base
-    from .data import BucketBatchSampler, CaptionFolder, CaptionProcessor
+    from .data import BucketBatchSampler, CaptionFolder, CaptionProcessor, discover
     from .lora import inject, text_encoder_targets, unet_targets
     from .plots import plot_loss
+
+    # Wrong paths fail here, before the base loads (a minute, for a full-size SD).
+    if not cfg.dataset:
+        raise ValueError("no dataset: set TrainConfig.dataset to a folder of images with same-stem captions")
+    if not Path(cfg.dataset).is_dir():
+        discover(cfg.dataset, cfg.caption_ext)  # raises, naming the path and the fix
+    ckpt = find_checkpoint(cfg.resume) if cfg.resume else None
 
     accel = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum,
                         cpu=cfg.device == "cpu")
@@ -281,7 +369,7 @@ def train(cfg: TrainConfig, *, on_log: Callable[[dict], None] | None = None,
                          bucket=cfg.bucket, bucket_step=pipe.vae_scale_factor, random_crop=cfg.random_crop,
                          flip=cfg.flip, seed=cfg.seed)
     if accel.is_main_process:
-        print(data.report)
+        print("\n".join([data.report, *data.long_captions(tok)]))
 
     # LoRA on the chosen targets; seeded so every process starts from the same A matrices.
     torch.manual_seed(cfg.seed)
@@ -302,8 +390,7 @@ def train(cfg: TrainConfig, *, on_log: Callable[[dict], None] | None = None,
 
     run = cfg.run_path
     start = 0
-    if cfg.resume:
-        ckpt = find_checkpoint(cfg.resume)
+    if ckpt is not None:
         start = load_checkpoint(ckpt, named, optimizer)
         if accel.is_main_process:
             print(f"resumed from {ckpt} at step {start}")

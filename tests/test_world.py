@@ -93,7 +93,8 @@ def test_cli_render_writes_pairs(tmp_path, capsys):
     assert sorted(p.name for p in tmp_path.iterdir()) == [
         "0001.png", "0001.txt", "0002.png", "0002.txt", "0003.png", "0003.txt"]
     caption = (tmp_path / "0001.txt").read_text().strip()
-    assert caption.startswith("pastel, outline, a ") and caption.endswith(" background")
+    # Trigger tags go last (see render.styled_caption for why).
+    assert caption.startswith("a ") and caption.endswith(" background, pastel, outline"), caption
 
 
 def test_cli_styles_json(capsys):

@@ -244,12 +244,12 @@ def pretrain(out: str | Path, cfg: PretrainConfig | None = None, stages=("judge"
         from diffusers import AutoencoderKL
 
         t = time.time()
-        vae = train_vae(cfg, AutoencoderKL.from_pretrained(out / "base" / "vae"), phases=(2,))
+        vae = train_vae(cfg, AutoencoderKL.from_pretrained(out / "base" / "vae", use_safetensors=True), phases=(2,))
         timings["vae_refine_s"] = round(time.time() - t)
     else:
         from diffusers import AutoencoderKL
 
-        vae = AutoencoderKL.from_pretrained(out / "base" / "vae").eval()
+        vae = AutoencoderKL.from_pretrained(out / "base" / "vae", use_safetensors=True).eval()
     if "unet" in stages:
         t = time.time()
         te, unet = train_unet(cfg, vae, tokenizer)
