@@ -31,3 +31,11 @@ def tiny_random_pipe():
                           tok, make_unet())
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory, tiny_random_pipe):
+    """tiny_random_pipe saved as a diffusers folder, for tests that go through --base."""
+    path = tmp_path_factory.mktemp("tiny_base")
+    tiny_random_pipe.save_pretrained(path)
+    return path

@@ -80,13 +80,6 @@ def assert_one_error(done: subprocess.CompletedProcess, *patterns: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def tiny_base(tmp_path_factory, tiny_random_pipe):
-    path = tmp_path_factory.mktemp("tiny_base")
-    tiny_random_pipe.save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
 def dataset(tmp_path_factory):
     root = tmp_path_factory.mktemp("ds")
     for i, color in enumerate((RED, BLUE)):

@@ -49,13 +49,6 @@ def test_cli_flags_override_toml_and_errors_are_one_line(tmp_path, capsys):
 # ----------------------------------------------------------------------------- real runs
 
 @pytest.fixture(scope="module")
-def tiny_base(tmp_path_factory, tiny_random_pipe):
-    path = tmp_path_factory.mktemp("tiny_base")
-    tiny_random_pipe.save_pretrained(path)
-    return path
-
-
-@pytest.fixture(scope="module")
 def style_folder(tmp_path_factory):
     path = tmp_path_factory.mktemp("outline")
     for i, (scene, img) in enumerate(render_batch(12, 5, "flat", "outline")):

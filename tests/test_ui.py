@@ -59,13 +59,6 @@ def launch(app, auth=None) -> str:
 
 
 @pytest.fixture(scope="session")
-def tiny_base_dir(tiny_random_pipe, tmp_path_factory) -> Path:
-    d = tmp_path_factory.mktemp("tinybase")
-    tiny_random_pipe.save_pretrained(d)
-    return d
-
-
-@pytest.fixture(scope="session")
 def ui_dirs(tiny_random_pipe, tmp_path_factory) -> dict:
     """adapters/ with two random adapters, datasets/ with one small rendered style folder."""
     from stylelora.world.render import render_batch, styled_caption
@@ -83,11 +76,11 @@ def ui_dirs(tiny_random_pipe, tmp_path_factory) -> dict:
 
 
 @pytest.fixture(scope="session")
-def served(tiny_base_dir, ui_dirs):
+def served(tiny_base, ui_dirs):
     """(app, url): one app (one pipe, one AdapterStack) served on a free local port."""
     from ui.app import build_app
 
-    app = build_app(ui_dirs["adapters"], base=str(tiny_base_dir), datasets_dir=ui_dirs["datasets"],
+    app = build_app(ui_dirs["adapters"], base=str(tiny_base), datasets_dir=ui_dirs["datasets"],
                     max_adapter_mb=1, max_dataset_mb=4)
     url = launch(app)
     yield app, url
@@ -161,6 +154,59 @@ def test_concurrent_sessions_get_their_solo_images(served):
             got = {i: pixels(j.result(timeout=120)) for i, j in jobs.items()}
         for i in order:
             assert np.array_equal(got[i], solo[i]), f"request {i} differs from its solo image"
+
+
+def rss_mb() -> float:
+    """This process's resident memory (the server runs in it), from /proc (Linux)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS in /proc/self/status")
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads RSS from /proc")
+def test_load_8_clients_x_10_requests(served):
+    """8 clients each send the same 10 requests (changing adapters and strengths) in their own
+    order, all at once: all complete, each image equals its solo result, and after one warm-up
+    round RSS grows <=10% over 100 further generations. Prints the numbers the README reports
+    (run with -s)."""
+    import gc
+
+    url = served[1]
+    strengths = [-1.0, -0.3, 0.0, 0.25, 0.5, 0.8, 1.0, 1.3, 1.7, 2.0]
+    reqs = [request(seed=i, adapters=({"inky": s} if i % 3 == 0 else {"dotty": s} if i % 3 == 1
+                                      else {"inky": s, "dotty": 1 - s}), mode="switch" if i == 9 else "merge")
+            for i, s in enumerate(strengths)]
+    solo_client = client(url)
+    solo = [pixels(solo_client.predict(*r, api_name="/generate")) for r in reqs]
+    assert len({a.tobytes() for a in solo}) == len(solo), "the requests must differ to test anything"
+    clients = [client(url) for _ in range(8)]
+
+    def session(k: int) -> list[tuple[int, np.ndarray]]:
+        order = [(k * 3 + j) % len(reqs) for j in range(len(reqs))]  # each client its own rotation
+        return [(i, pixels(clients[k].predict(*reqs[i], api_name="/generate"))) for i in order]
+
+    def load_round() -> list[tuple[int, np.ndarray]]:
+        with ThreadPoolExecutor(8) as ex:
+            return [r for f in [ex.submit(session, k) for k in range(8)] for r in f.result(timeout=600)]
+
+    load_round()  # warm-up: server worker threads, client connections and allocator arenas settle
+    gc.collect()
+    before = rss_mb()
+    t0 = time.time()
+    results = load_round()
+    seconds = time.time() - t0
+    for i, img in results:
+        assert np.array_equal(img, solo[i]), f"request {i} under load differs from its solo image"
+    for j in range(20):  # 80 concurrent + 20 more = 100 generations since `before`
+        solo_client.predict(*reqs[j % len(reqs)], api_name="/generate")
+    gc.collect()
+    after = rss_mb()
+    print(f"\nload: 8 clients x 10 requests, {len(results)} complete, all equal to solo; "
+          f"{seconds:.1f} s; RSS {before:.0f} -> {after:.0f} MB over 100 generations "
+          f"({after / before - 1:+.1%})")
+    assert len(results) == 80
+    assert after <= 1.10 * before, f"RSS grew {before:.0f} -> {after:.0f} MB over 100 generations"
 
 
 def test_sweep_grid(served):
@@ -322,14 +368,14 @@ def test_generation_during_training_and_stop(served):
     ui.delete("stopped", True)
 
 
-def test_auth_refuses_a_wrong_password(tiny_base_dir, ui_dirs):
+def test_auth_refuses_a_wrong_password(tiny_base, ui_dirs):
     import httpx
 
     from ui.app import build_app, launch_options
 
     with pytest.raises(ValueError, match="USER:PASS"):
         launch_options(auth="nopassword")
-    app = build_app(ui_dirs["adapters"], base=str(tiny_base_dir), datasets_dir=ui_dirs["datasets"])
+    app = build_app(ui_dirs["adapters"], base=str(tiny_base), datasets_dir=ui_dirs["datasets"])
     url = launch(app, auth="alice:s3cret")
     try:
         assert httpx.get(url + "config").status_code == 401

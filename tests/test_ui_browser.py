@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from test_ui import launch, make_adapter, request, tiny_base_dir  # noqa: F401 -- fixtures
+from test_ui import launch, make_adapter, request
 
 pytestmark = pytest.mark.browser
 
@@ -39,7 +39,7 @@ def browser():
 
 
 @pytest.fixture(scope="module")
-def app_url(tiny_base_dir, tmp_path_factory):  # noqa: F811
+def app_url(tiny_base, tmp_path_factory):
     """Its own app and folders: two random adapters, one small rendered style dataset. The
     embedded base when it is there (so docs/ui.png shows real drawings), else a random one."""
     from stylelora.base import EMBEDDED_DIR, load_base
@@ -47,7 +47,7 @@ def app_url(tiny_base_dir, tmp_path_factory):  # noqa: F811
     from ui.app import build_app
 
     root = tmp_path_factory.mktemp("ui-browser")
-    base = None if (EMBEDDED_DIR / "model_index.json").is_file() else str(tiny_base_dir)
+    base = None if (EMBEDDED_DIR / "model_index.json").is_file() else str(tiny_base)
     pipe = load_base(base)
     make_adapter(pipe, root / "adapters" / "dotty.safetensors", 2, triggers=["dotty"], strength=0.2)
     make_adapter(pipe, root / "adapters" / "inky.safetensors", 1, triggers=["inky"], strength=0.2)
