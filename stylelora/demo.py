@@ -27,7 +27,7 @@ def prompt_grid(pipe, seed: int = 0):
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", default="out/demo")
-    parser.add_argument("--style", default="outline", help="example style in datasets/ to train")
+    parser.add_argument("--style", default="dots", help="example style in datasets/ to train")
     parser.add_argument("--ui", default=os.environ.get("UI", "1") != "0", action=argparse.BooleanOptionalAction,
                         help="end by serving the web UI with the demo adapter (UI=0 skips)")
     args = parser.parse_args(argv)

@@ -74,6 +74,11 @@ class TrainConfig:
     warmup_steps: int = 50
     max_grad_norm: float = 1.0
     min_snr_gamma: float | None = 5.0
+    # Prior preservation without class images: each batch's captions with the trigger words
+    # removed must give the frozen base's prediction, so the style stays behind its trigger and
+    # classifier-free guidance amplifies it. Off by default: on the example technique styles it
+    # over-amplifies at scale 1 (content breaks), and a step costs ~1.7x. See the README.
+    preserve_weight: float = 0.0      # 0 = off; kohya's prior_loss_weight plays this role
     noise_offset: float = 0.0
     mixed_precision: str = "no"
     gradient_checkpointing: bool = False
@@ -113,6 +118,7 @@ class TrainConfig:
         need(self.mixed_precision in PRECISIONS,
              f"mixed_precision {self.mixed_precision!r} unknown: use one of {PRECISIONS}")
         need(self.min_snr_gamma is None or self.min_snr_gamma > 0, "min_snr_gamma must be positive or None")
+        need(self.preserve_weight >= 0, f"preserve_weight must be >= 0 (0 = off), got {self.preserve_weight}")
         need(self.log_every > 0, f"log_every must be positive, got {self.log_every}: try 10")
         for name in ("sample_every", "checkpoint_every", "warmup_steps", "weight_decay", "max_grad_norm",
                      "noise_offset"):
@@ -344,7 +350,7 @@ def train(cfg: TrainConfig, *, on_log: Callable[[dict], None] | None = None,
 
     from .adapters import adapter_from_pipeline, fingerprint, save_adapter
     from .base import base_name, load_base
-    from .data import BucketBatchSampler, CaptionFolder, CaptionProcessor, discover
+    from .data import BucketBatchSampler, CaptionFolder, CaptionProcessor, discover, split_tags
     from .lora import inject, text_encoder_targets, unet_targets
     from .plots import plot_loss
 
@@ -423,6 +429,37 @@ def train(cfg: TrainConfig, *, on_log: Callable[[dict], None] | None = None,
     v_pred = noise_sched.config.prediction_type == "v_prediction"
     alphas_cumprod = noise_sched.alphas_cumprod.to(dev)
 
+    # Prior preservation: the trigger words (given, or the tags every caption shares) are removed
+    # from each caption; the adapter must then reproduce the base (all LoRA layers off).
+    triggers = [w.strip() for w in (cfg.trigger or "").split(",") if w.strip()] or data.guess_triggers()
+    raw_unet, raw_te = accel.unwrap_model(unet), accel.unwrap_model(te)
+    base_text_cache: dict[str, torch.Tensor] = {}
+
+    def neutral(caption: str) -> str:
+        return ", ".join(t for t in split_tags(caption) if t not in triggers)
+
+    @torch.no_grad()
+    def base_text(captions: list[str]) -> torch.Tensor:
+        new = [c for c in dict.fromkeys(captions) if c not in base_text_cache]
+        if new:
+            if t_targets:
+                raw_te.disable_adapters()
+            try:
+                base_text_cache.update(zip(new, encode_text(new, grad=False)))
+            finally:
+                if t_targets:
+                    raw_te.enable_adapters()
+        return torch.stack([base_text_cache[c] for c in captions])
+
+    @torch.no_grad()
+    def base_prediction(noisy: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        raw_unet.disable_adapters()
+        try:
+            with accel.autocast():
+                return raw_unet(noisy.to(weight_dtype), t, cond.to(weight_dtype)).sample.float()
+        finally:
+            raw_unet.enable_adapters()
+
     sampler = BucketBatchSampler(data, cfg.batch_size, seed=cfg.seed)
     epochs: dict[int, list[list[int]]] = {}
     per_epoch = max(1, len(sampler.batches(0)) // accel.num_processes)
@@ -489,12 +526,21 @@ def train(cfg: TrainConfig, *, on_log: Callable[[dict], None] | None = None,
             t = torch.randint(0, len(alphas_cumprod), (len(items),), generator=gen).to(dev)
             noisy = noise_sched.add_noise(latents, noise, t)
             target = noise_sched.get_velocity(latents, noise, t) if v_pred else noise
+            n = len(items)
+            if cfg.preserve_weight:
+                # One forward over [styled captions; neutral captions] on the same noisy latents.
+                plain = [neutral(c) for c in captions]
+                base_cond = base_text(plain)
+                base_pred = base_prediction(noisy, t, base_cond)
+                plain_cond = encode_text(plain, grad=True) if t_targets else base_cond
+                noisy, t = torch.cat([noisy, noisy]), torch.cat([t, t])
+                cond, target = torch.cat([cond, plain_cond]), torch.cat([target, base_pred])
             with accel.accumulate(unet), accel.autocast():
                 pred = unet(noisy.to(weight_dtype), t, cond.to(weight_dtype)).sample.float()
                 loss = F.mse_loss(pred, target.float(), reduction="none").mean(dim=(1, 2, 3))
                 if cfg.min_snr_gamma:
                     loss = loss * _snr_weights(alphas_cumprod, t, cfg.min_snr_gamma, v_pred)
-                loss = loss.mean()
+                loss = loss[:n].mean() + (cfg.preserve_weight * loss[n:].mean() if cfg.preserve_weight else 0)
                 accel.backward(loss)
                 if accel.sync_gradients and cfg.max_grad_norm:
                     accel.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]],
@@ -533,11 +579,10 @@ def train(cfg: TrainConfig, *, on_log: Callable[[dict], None] | None = None,
     if accel.is_main_process:
         plot_loss(log_path, run / "loss.png")
         pipe.unet, pipe.text_encoder = accel.unwrap_model(unet), accel.unwrap_model(te)
-        triggers = [w.strip() for w in (cfg.trigger or "").split(",") if w.strip()]
         adapter = adapter_from_pipeline(pipe, metadata={
             "stylelora.base_name": base_name(cfg.base),
             "stylelora.base_fingerprint": fingerprint(pipe),
-            "stylelora.trigger_words": json.dumps(triggers or data.guess_triggers()),
+            "stylelora.trigger_words": json.dumps(triggers),
             "stylelora.training": json.dumps({**cfg.summary(), "steps_done": done,
                                               "seconds": round(time.time() - t0, 1)}),
             "stylelora.dataset": json.dumps(data.summary()),
