@@ -36,8 +36,11 @@ test-fast: $(VENV)/.installed
 pretrain: $(VENV)/.installed
 	$(BIN)/stylelora world pretrain --out stylelora/world/assets
 
+# Quality and speed tables for the README (bench/results/*.md); ~30 min on 2 cores, run alone.
 bench: $(VENV)/.installed
-	$(BIN)/python bench/run.py
+	$(BIN)/python bench/styles.py
+	$(BIN)/python bench/train.py
+	$(BIN)/python bench/blend.py
 
 clean:
 	rm -rf out runs .pytest_cache
