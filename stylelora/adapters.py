@@ -523,7 +523,8 @@ def fingerprint(pipe, samples: int = 16) -> str:
             if not isinstance(mod, (torch.nn.Linear, torch.nn.Conv2d)) or ".lora_" in name:
                 continue  # PEFT's own lora_A/lora_B Linears are not the base
             w = mod.weight.detach().reshape(-1)
-            idx = torch.linspace(0, w.numel() - 1, min(samples, w.numel())).long().to(w.device)
+            # float64: float32 rounds n - 1 up past the last index once n > 2**24 (SD's big layers).
+            idx = torch.linspace(0, w.numel() - 1, min(samples, w.numel()), dtype=torch.float64).long().to(w.device)
             vals = w[idx].to("cpu", torch.float16).view(torch.int16).tolist()
             name = name.removesuffix(".base_layer").removeprefix("text_model.")
             h.update(f"{comp}.{name}:{tuple(mod.weight.shape)}:{vals};".encode())

@@ -430,3 +430,12 @@ def test_property_kohya_and_native_round_trips_keep_delta(tiny_pipe, tmp_path_fa
             got = back.layers[key]
             assert got.rank == layer.rank and got.alpha == pytest.approx(layer.alpha, rel=1e-7)
             torch.testing.assert_close(got.delta(), layer.delta(), rtol=1e-6, atol=1e-6)
+
+
+def test_fingerprint_of_a_layer_past_float32_integers():
+    """2**24 + 4 weights: float32 rounds the last index up to n (out of bounds); SD1.5 has such layers."""
+    from types import SimpleNamespace
+
+    unet = torch.nn.Sequential(torch.nn.Linear(4, (2**24 + 4) // 4, bias=False))
+    assert unet[0].weight.numel() == 2**24 + 4
+    assert len(fingerprint(SimpleNamespace(unet=unet, text_encoder=None))) == 16
