@@ -394,3 +394,11 @@ def test_cli_ui_subcommand():
     args = build_parser().parse_args(["ui"])
     assert (args.host, args.port, args.adapters, args.auth) == ("127.0.0.1", 7860, "adapters", None)
     assert main(["ui", "--auth", "no-colon"]) == 2  # refused before any model loads
+
+
+def test_trigger_button_appends_missing_tags(served):
+    ui = served[0].stylelora
+    assert ui.add_triggers("a red star", "dotty") == "a red star, dotty, dots"
+    assert ui.add_triggers("a red star, dots,", "dotty") == "a red star, dots, dotty"
+    assert ui.add_triggers("a dotsy star", "dotty") == "a dotsy star, dotty, dots"  # whole tags, not substrings
+    assert ui.add_triggers("", "inky") == "inky"

@@ -258,8 +258,11 @@ class StyleloraUI:
         return image_grid(rows, row_labels=list(wanted), col_labels=[f"{v:g}" for v in values])
 
     def add_triggers(self, prompt: str, name: str) -> str:
-        words = [w for w in self.triggers(name) if w not in (prompt or "")]
-        return ", ".join(words + [prompt] if prompt else words)
+        """Append the adapter's trigger words as last tags, as the example datasets caption them
+        (a leading tag shifts every content word of the embedded base; see the README)."""
+        tags = [t.strip() for t in (prompt or "").split(",")]
+        words = [w for w in self.triggers(name) if w not in tags]
+        return ", ".join(([prompt.rstrip(", ")] if (prompt or "").strip() else []) + words)
 
     def refresh(self, *current):
         """Slots, note and the Adapters tab's pickers after the folder changed. `current` holds the
