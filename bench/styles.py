@@ -1,4 +1,5 @@
-"""Train every example style in datasets/ with default settings and score it with the judge.
+"""Train every example style in datasets/ with default settings and score it with the judge;
+then stack one palette and one technique adapter and compare the composition modes.
 
     python bench/styles.py [--n 100] [--out runs/styles]
 
@@ -18,7 +19,7 @@ from pathlib import Path
 
 from stylelora.base import load_base
 from stylelora.blend import AdapterStack
-from stylelora.evaluate import evaluate, heldout_scenes
+from stylelora.evaluate import evaluate, heldout_scenes, score
 from stylelora.grid import image_grid
 from stylelora.train import TrainConfig, train
 from stylelora.world.render import PALETTES
@@ -54,11 +55,30 @@ def main() -> None:
             r = evaluate(pipe, n=args.n, triggers=[style])
             hits.append(r[family][style])
             kept = r
-        grid_rows.append(stack.sweep(f"{scene.caption()}, {style}", list(SCALES), seed=7))
+        grid_rows += stack.sweep(f"{scene.caption()}, {style}", list(SCALES), seed=7)  # one row: one adapter
         stack.reset()
         rows.append({"style": style, "family": family, "train_s": round(seconds), "hit": hits,
                      "shape_at_1": kept["shape_acc"], "color_at_1": kept["color_acc"]})
         print(json.dumps(rows[-1]), flush=True)
+
+    # Stacking (Zhong et al. 2024's comparison): one palette + one technique adapter at 1.0 / 1.0.
+    palette = next(r["style"] for r in rows if r["family"] == "palette")
+    technique = next(r["style"] for r in rows if r["family"] == "technique")
+    stack = AdapterStack(pipe)
+    for name in (palette, technique):
+        stack.add(name, out / f"{name}.safetensors")
+    scenes = heldout_scenes(args.n)
+    prompts = [f"{s.caption()}, {palette}, {technique}" for s in scenes]
+    modes = []
+    for mode in ("merge", "switch", "composite"):
+        t = time.time()
+        images = [stack.generate(p, seed=i, mode=mode) for i, p in enumerate(prompts)]
+        r = score(images, scenes, per_image=True)
+        both = sum(1 for a, b in zip(r["per_image"]["palette"], r["per_image"]["technique"]) if a == palette and b == technique) / len(scenes)
+        modes.append(f"| {mode} | {both:.0%} | {r['palette'][palette]:.0%} | {r['technique'][technique]:.0%} "
+                     f"| {r['shape_acc']:.0%} | {r['color_acc']:.0%} | {(time.time() - t) / len(scenes):.2f} |")
+        print(modes[-1], flush=True)
+    stack.reset()
 
     lines = ["| style | train (s) | " + " | ".join(f"hit @ {s:g}" for s in SCALES) + " | shape @ 1 | colour @ 1 |",
              "|---" * (len(SCALES) + 4) + "|"]
@@ -69,12 +89,14 @@ def main() -> None:
     table = "\n".join(lines)
     results = ROOT / "bench" / "results"
     results.mkdir(parents=True, exist_ok=True)
-    (results / "styles.md").write_text(f"{table}\n\n{args.n} held-out prompts per cell, default TrainConfig, "
-                                       "`python bench/styles.py`\n")
+    compose = "\n".join([f"| mode ({palette} + {technique}, 1.0 / 1.0) | both styles | {palette} | {technique} "
+                         "| shape | colour | s / image |", "|---" * 7 + "|", *modes])
+    (results / "styles.md").write_text(f"{table}\n\n{compose}\n\n{args.n} held-out prompts per cell, default "
+                                       "TrainConfig, `python bench/styles.py`\n")
     (ROOT / "docs").mkdir(exist_ok=True)
     image_grid(grid_rows, styles, [f"{s:g}" for s in SCALES], scale=2).save(ROOT / "docs" / "styles_grid.png")
     shutil.copy(out / f"{styles[0]}.run" / "loss.png", ROOT / "docs" / "loss.png")
-    print(table)
+    print(table + "\n\n" + compose)
 
 
 if __name__ == "__main__":
