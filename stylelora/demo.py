@@ -9,6 +9,8 @@ import shutil
 import time
 from pathlib import Path
 
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # before transformers loads: see cli.main
+
 from .base import load_base
 from .evaluate import evaluate, generate_images, heldout_scenes
 from .grid import image_grid
