@@ -110,6 +110,7 @@ class AdapterStack:
         self._loaded: dict[str, _Loaded] = {}
         self._modules: dict[str, torch.nn.Module] = {}
         self._w0: dict[str, torch.Tensor] = {}  # copies of the base weights of targeted layers only
+        self._w0_absmax: dict[str, float] = {}  # max |W0| per layer, for the overflow bound in _write
         self._applied: Plan = {}  # what each layer holds now; layers at W0 are absent
 
     @property
@@ -131,6 +132,7 @@ class AdapterStack:
                 if key not in self._modules:
                     self._modules[key] = mod = resolve_module(self.pipe, key)
                     self._w0[key] = mod.weight.detach().clone()
+                    self._w0_absmax[key] = float(self._w0[key].abs().max())
                 w = self._modules[key].weight
                 factors[key] = (layer.up.flatten(1).to(w.device, torch.float32),
                                 layer.down.flatten(1).to(w.device, torch.float32), layer.scale)
@@ -155,7 +157,7 @@ class AdapterStack:
         """Unload every adapter; the base weights are copied back bit for bit."""
         with self.lock:
             self._apply({})
-            self.scales, self._loaded, self._modules, self._w0 = {}, {}, {}, {}
+            self.scales, self._loaded, self._modules, self._w0, self._w0_absmax = {}, {}, {}, {}, {}
 
     @torch.no_grad()
     def generate(self, prompt: str, negative: str | None = None, seed: int = 0, steps: int | None = None,
@@ -210,7 +212,7 @@ class AdapterStack:
         self._apply(self._plan(self.scales))
         for key in gone.factors:  # layers no other adapter targets are back at W0: drop their copies
             if not any(key in other.factors for other in self._loaded.values()):
-                del self._modules[key], self._w0[key]
+                del self._modules[key], self._w0[key], self._w0_absmax[key]
 
     def _plan(self, scales: Mapping[str, Scale]) -> Plan:
         """The terms of every layer for these scales. Only active adapters' layers are visited."""
@@ -238,12 +240,26 @@ class AdapterStack:
             return
         ups = [self._loaded[n].factors[key][0] * c for n, c in terms]  # (out, r_i) each
         downs = [self._loaded[n].factors[key][1] for n, _ in terms]  # (r_i, in) each
-        # One (out, sum r) @ (sum r, in) product in float32, then cast to the weight's dtype.
-        new = (w0.float() + (torch.cat(ups, 1) @ torch.cat(downs, 0)).view(w0.shape)).to(weight.dtype)
-        if not torch.isfinite(new).all():
-            raise ValueError(f"blending {[n for n, _ in terms]} into {key} gives NaN/inf in "
-                             f"{weight.dtype}: lower the scales")
-        weight.copy_(new)
+        up, down = torch.cat(ups, 1), torch.cat(downs, 0)
+        overflow = ValueError(f"blending {[n for n, _ in terms]} into {key} gives NaN/inf in {weight.dtype}: "
+                              "lower the scales")
+        if weight.dtype == torch.float32 and weight.is_contiguous() and up.dtype == torch.float32:
+            # W = W0 + up @ down in one fused pass straight into the weight: on big layers the extra
+            # passes of a temporary (add, copy, full finiteness scan) cost as much as the product.
+            rows = weight.shape[0]
+            torch.addmm(w0.view(rows, -1), up, down, out=weight.view(rows, -1))
+            # |delta| <= sum_k max|up[:, k]| * max|down[k, :]|: when that bound cannot overflow,
+            # skip scanning the whole layer for inf.
+            bound = float((up.abs().amax(0) * down.abs().amax(1)).sum()) + self._w0_absmax[key]
+            if not bound < 1e38 and not torch.isfinite(weight).all():
+                self._write(key, self._applied.get(key, ()))  # put the layer back as it was
+                raise overflow
+        else:
+            # Half-precision weights: the product in float32, then cast.
+            new = (w0.float() + (up @ down).view(w0.shape)).to(weight.dtype)
+            if not torch.isfinite(new).all():
+                raise overflow
+            weight.copy_(new)
         self._applied[key] = terms
 
     def _compose(self, mode, active, call, prompt, negative, guidance, switch_every, kwargs):

@@ -271,3 +271,13 @@ def test_half_precision_weights_are_blended_in_float32(tiny_random_pipe, adapter
     assert torch.equal(weight, (w0.float() + 0.5 * adapters["pastel"].layers[key].delta()).to(torch.bfloat16))
     stack.reset()
     assert torch.equal(resolve_module(half, key).weight, w0)
+
+
+def test_overflowing_scales_are_refused_and_leave_the_weights_as_they_were(stack, pipe, adapters):
+    stack.add("pastel", adapters["pastel"], 0.5)
+    before = weights(pipe)
+    with pytest.raises(ValueError, match=r"gives NaN/inf in torch\.float32: lower the scales"):
+        stack.set_scales({"pastel": 1e39})  # finite as a Python float, inf once in float32
+    assert all(torch.equal(v, before[k]) for k, v in weights(pipe).items())
+    stack.set_scales({"pastel": 0.5})  # still usable afterwards
+    assert all(torch.equal(v, before[k]) for k, v in weights(pipe).items())
