@@ -240,10 +240,13 @@ class AdapterStack:
             return
         ups = [self._loaded[n].factors[key][0] * c for n, c in terms]  # (out, r_i) each
         downs = [self._loaded[n].factors[key][1] for n, _ in terms]  # (r_i, in) each
-        up, down = torch.cat(ups, 1), torch.cat(downs, 0)
-        overflow = ValueError(f"blending {[n for n, _ in terms]} into {key} gives NaN/inf in {weight.dtype}: "
+        up, down = torch.cat(ups, 1), torch.cat(downs, 0)  # float32, as add() stored them
+
+        def overflow() -> ValueError:
+            return ValueError(f"blending {[n for n, _ in terms]} into {key} gives NaN/inf in {weight.dtype}: "
                               "lower the scales")
-        if weight.dtype == torch.float32 and weight.is_contiguous() and up.dtype == torch.float32:
+
+        if weight.dtype == torch.float32 and weight.is_contiguous():
             # W = W0 + up @ down in one fused pass straight into the weight: on big layers the extra
             # passes of a temporary (add, copy, full finiteness scan) cost as much as the product.
             rows = weight.shape[0]
@@ -253,12 +256,11 @@ class AdapterStack:
             bound = float((up.abs().amax(0) * down.abs().amax(1)).sum()) + self._w0_absmax[key]
             if not bound < 1e38 and not torch.isfinite(weight).all():
                 self._write(key, self._applied.get(key, ()))  # put the layer back as it was
-                raise overflow
-        else:
-            # Half-precision weights: the product in float32, then cast.
+                raise overflow()
+        else:  # fp16/bf16 (or strided) weights: the product in float32, then cast
             new = (w0.float() + (up @ down).view(w0.shape)).to(weight.dtype)
             if not torch.isfinite(new).all():
-                raise overflow
+                raise overflow()
             weight.copy_(new)
         self._applied[key] = terms
 

@@ -26,6 +26,7 @@ import os
 import shutil
 import time
 import typing
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -433,32 +434,35 @@ def train(cfg: TrainConfig, *, on_log: Callable[[dict], None] | None = None,
     # from each caption; the adapter must then reproduce the base (all LoRA layers off).
     triggers = [w.strip() for w in (cfg.trigger or "").split(",") if w.strip()] or data.guess_triggers()
     raw_unet, raw_te = accel.unwrap_model(unet), accel.unwrap_model(te)
-    base_text_cache: dict[str, torch.Tensor] = {}
+    # The frozen base text encoder's embeddings never change: one cache serves the run (the same
+    # dict as text_cache when the text encoder is not trained, so no caption is encoded twice).
+    base_text_cache = text_cache if not t_targets else {}
 
     def neutral(caption: str) -> str:
         return ", ".join(t for t in split_tags(caption) if t not in triggers)
 
+    @contextmanager
+    def lora_off(model, off: bool = True):
+        if off:
+            model.disable_adapters()
+        try:
+            yield
+        finally:
+            if off:
+                model.enable_adapters()
+
     @torch.no_grad()
-    def base_text(captions: list[str]) -> torch.Tensor:
-        new = [c for c in dict.fromkeys(captions) if c not in base_text_cache]
+    def cached_text(captions: list[str], cache: dict[str, torch.Tensor], base: bool = False) -> torch.Tensor:
+        new = [c for c in dict.fromkeys(captions) if c not in cache]
         if new:
-            if t_targets:
-                raw_te.disable_adapters()
-            try:
-                base_text_cache.update(zip(new, encode_text(new, grad=False)))
-            finally:
-                if t_targets:
-                    raw_te.enable_adapters()
-        return torch.stack([base_text_cache[c] for c in captions])
+            with lora_off(raw_te, base and bool(t_targets)):
+                cache.update(zip(new, encode_text(new, grad=False)))
+        return torch.stack([cache[c] for c in captions])
 
     @torch.no_grad()
     def base_prediction(noisy: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        raw_unet.disable_adapters()
-        try:
-            with accel.autocast():
-                return raw_unet(noisy.to(weight_dtype), t, cond.to(weight_dtype)).sample.float()
-        finally:
-            raw_unet.enable_adapters()
+        with lora_off(raw_unet), accel.autocast():
+            return raw_unet(noisy.to(weight_dtype), t, cond.to(weight_dtype)).sample.float()
 
     sampler = BucketBatchSampler(data, cfg.batch_size, seed=cfg.seed)
     epochs: dict[int, list[list[int]]] = {}
@@ -514,10 +518,7 @@ def train(cfg: TrainConfig, *, on_log: Callable[[dict], None] | None = None,
                 latents = encode_images(torch.stack([it["pixel_values"] for it in items]))
             captions = [it["caption"] for it in items]
             if cache_text:
-                new = [c for c in dict.fromkeys(captions) if c not in text_cache]
-                if new:
-                    text_cache.update(zip(new, encode_text(new, grad=False)))
-                cond = torch.stack([text_cache[c] for c in captions])
+                cond = cached_text(captions, text_cache)
             else:
                 cond = encode_text(captions, grad=bool(t_targets))
             noise = torch.randn(latents.shape, generator=gen).to(dev, latents.dtype)  # (B, 4, h, w)
@@ -530,7 +531,7 @@ def train(cfg: TrainConfig, *, on_log: Callable[[dict], None] | None = None,
             if cfg.preserve_weight:
                 # One forward over [styled captions; neutral captions] on the same noisy latents.
                 plain = [neutral(c) for c in captions]
-                base_cond = base_text(plain)
+                base_cond = cached_text(plain, base_text_cache, base=True)
                 base_pred = base_prediction(noisy, t, base_cond)
                 plain_cond = encode_text(plain, grad=True) if t_targets else base_cond
                 noisy, t = torch.cat([noisy, noisy]), torch.cat([t, t])
