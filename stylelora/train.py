@@ -74,7 +74,7 @@ class TrainConfig:
     lr_schedule: str = "cosine"
     warmup_steps: int = 50
     max_grad_norm: float = 1.0
-    min_snr_gamma: float | None = 5.0
+    min_snr_gamma: float | None = 5.0  # None or 0 = plain MSE
     # Prior preservation without class images: each batch's captions with the trigger words
     # removed must give the frozen base's prediction, so the style stays behind its trigger and
     # classifier-free guidance amplifies it. Off by default: on the example technique styles it
@@ -118,7 +118,8 @@ class TrainConfig:
         need(self.lr_schedule in SCHEDULES, f"lr_schedule {self.lr_schedule!r} unknown: use one of {SCHEDULES}")
         need(self.mixed_precision in PRECISIONS,
              f"mixed_precision {self.mixed_precision!r} unknown: use one of {PRECISIONS}")
-        need(self.min_snr_gamma is None or self.min_snr_gamma > 0, "min_snr_gamma must be positive or None")
+        need(self.min_snr_gamma is None or self.min_snr_gamma >= 0,
+             f"min_snr_gamma must be >= 0 (0 = off, the flag's way to say None), got {self.min_snr_gamma}")
         need(self.preserve_weight >= 0, f"preserve_weight must be >= 0 (0 = off), got {self.preserve_weight}")
         need(self.log_every > 0, f"log_every must be positive, got {self.log_every}: try 10")
         for name in ("sample_every", "checkpoint_every", "warmup_steps", "weight_decay", "max_grad_norm",

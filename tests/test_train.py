@@ -25,10 +25,19 @@ ROOT = Path(__file__).resolve().parents[1]
     ({"targets": "everything"}, "targets 'everything' unknown"),
     ({"out": "adapter.pt"}, "out must end in .safetensors"),
     ({"caption_dropout": 1.5}, "caption_dropout must be in"),
+    ({"min_snr_gamma": -1.0}, r"min_snr_gamma must be >= 0 \(0 = off"),
 ])
 def test_config_rejects_bad_values(kwargs, message):
     with pytest.raises(ValueError, match=message):
         TrainConfig(dataset="x", **kwargs)
+
+
+def test_min_snr_gamma_zero_turns_the_weighting_off_from_the_cli(tmp_path):
+    from stylelora.cli import build_parser
+
+    args = build_parser().parse_args(["train", str(tmp_path), "--min-snr-gamma", "0"])
+    assert TrainConfig(dataset="x", min_snr_gamma=0.0).min_snr_gamma == 0.0
+    assert args.min_snr_gamma == 0.0
 
 
 def test_toml_unknown_keys_are_named(tmp_path):
