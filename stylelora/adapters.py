@@ -15,24 +15,23 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import errno
 import hashlib
 import json
 import math
 import os
 import re
 import struct
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import torch
 
+from .fileio import PICKLE_SUFFIXES, atomic_path
+
 FORMAT_VERSION = "1"
 PREFIX = "stylelora."
 COMPONENTS = ("unet", "text_encoder")
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
 # == diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY (a test pins it); spelled out so that
 # reading our own files never pays for importing diffusers.
 DIFFUSERS_META_KEY = "lora_adapter_metadata"
@@ -167,20 +166,8 @@ def _atomic_save(tensors: dict[str, torch.Tensor], metadata: dict[str, str], pat
         raise ValueError(f"{path}: adapters are written as .safetensors; name the file <name>.safetensors")
     if not tensors:
         raise ValueError(f"refusing to write {path}: the adapter has no layers")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        Path(tmp).unlink(missing_ok=True)
-        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
-            raise OSError(errno.ENOSPC, f"no space left on device while writing {path}: free some space "
-                                        "and write it again (nothing was written under that name)") from e
-        raise
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
     return path
 
 
@@ -482,7 +469,8 @@ def adapter_from_pipeline(pipe, adapter_name: str = "default", *,
         raise ValueError(f"the pipeline has no LoRA adapter named {adapter_name!r} "
                          f"(adapters present: {sorted(seen) or 'none'})")
     meta = dict(metadata or {})
-    meta.setdefault(PREFIX + "base_fingerprint", fingerprint(pipe))
+    if PREFIX + "base_fingerprint" not in meta:  # not setdefault: the fingerprint reads every layer
+        meta[PREFIX + "base_fingerprint"] = fingerprint(pipe)
     return Adapter(layers=layers, metadata=meta)
 
 

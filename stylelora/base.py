@@ -10,15 +10,26 @@ from pathlib import Path
 
 import torch
 
+from .fileio import PICKLE_SUFFIXES, atomic_path
+
 EMBEDDED_DIR = Path(__file__).parent / "world" / "assets" / "base"
 EMBEDDED_NAMES = ("embedded", "default", "shapes")
-PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
 
 
 def pick_device(device: str | None = None) -> torch.device:
-    """'auto'/None -> cuda if present, else mps, else cpu."""
+    """'auto'/None -> cuda if present, else mps, else cpu. Anything else must exist here."""
     if device not in (None, "auto"):
-        return torch.device(device)
+        try:
+            dev = torch.device(device)
+        except (RuntimeError, TypeError):
+            raise ValueError(f"unknown device {device!r}: use auto, cpu, cuda, cuda:N or mps") from None
+        ok = {"cpu": True, "cuda": torch.cuda.is_available(),
+              "mps": bool(getattr(torch.backends, "mps", None)) and torch.backends.mps.is_available()}
+        if not ok.get(dev.type, True):
+            raise ValueError(f"device {device!r} is not available on this machine: use auto or cpu")
+        if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+        return dev
     if torch.cuda.is_available():
         return torch.device("cuda")
     if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
@@ -94,6 +105,9 @@ def load_base(spec: str | os.PathLike | None = None, *, config: str | os.PathLik
         if config is None:
             raise ValueError(f"single-file checkpoint {path} needs a local diffusers config folder of "
                              "the same architecture: pass config=DIR (CLI: --base-config DIR)")
+        if not (Path(config) / "model_index.json").is_file():
+            raise ValueError(f"config folder {config} is not a diffusers pipeline folder (no model_index.json): "
+                             "pass the folder of a pipeline with the same architecture")
         pipe = StableDiffusionPipeline.from_single_file(
             str(path), config=str(config), local_files_only=True, dtype=dt,
             safety_checker=None, requires_safety_checker=False)
@@ -210,8 +224,6 @@ def save_single_file(pipe, path: str | os.PathLike) -> Path:
     for k, v in pipe.text_encoder.state_dict().items():
         k = k if k.startswith("text_model.") or k.startswith("text_projection") else "text_model." + k
         sd["cond_stage_model.transformer." + k] = v
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp))
-    os.replace(tmp, path)
-    return path
+    with atomic_path(path) as tmp:
+        save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp))
+    return Path(path)

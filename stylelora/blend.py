@@ -138,7 +138,11 @@ class AdapterStack:
                                 layer.down.flatten(1).to(w.device, torch.float32), layer.scale)
             self._loaded[name] = _Loaded(adapter, factors)
             self.scales[name] = scale
-            self._apply(self._plan(self.scales))
+            try:
+                self._apply(self._plan(self.scales))
+            except BaseException:
+                self._remove(name)  # the weights are as before; forget the adapter and its W0 copies
+                raise
         return adapter
 
     def remove(self, name: str) -> None:
@@ -225,11 +229,19 @@ class AdapterStack:
         return {k: tuple(v) for k, v in plan.items()}
 
     def _apply(self, plan: Plan, prefix: str = "") -> None:
-        """Bring the layers (those whose key starts with `prefix`) to `plan`, rewriting only changes."""
-        for key in dict.fromkeys([*plan, *self._applied]):
-            terms = plan.get(key, ())
-            if key.startswith(prefix) and self._applied.get(key, ()) != terms:
-                self._write(key, terms)
+        """Bring the layers (those whose key starts with `prefix`) to `plan`, rewriting only changes.
+        All or nothing: if a layer fails (overflow), the layers already rewritten are put back."""
+        before = dict(self._applied)
+        try:
+            for key in dict.fromkeys([*plan, *self._applied]):
+                terms = plan.get(key, ())
+                if key.startswith(prefix) and self._applied.get(key, ()) != terms:
+                    self._write(key, terms)
+        except BaseException:
+            for key in dict.fromkeys([*before, *self._applied]):
+                if self._applied.get(key, ()) != before.get(key, ()):
+                    self._write(key, before.get(key, ()))
+            raise
 
     @torch.no_grad()
     def _write(self, key: str, terms: tuple[tuple[str, float], ...]) -> None:

@@ -9,6 +9,8 @@ import os
 import sys
 from pathlib import Path
 
+from .fileio import atomic_path
+
 
 class UserError(Exception):
     """A mistake in the user's input: printed as one line, no traceback."""
@@ -63,19 +65,24 @@ def cmd_world_judge_check(args) -> None:
 def cmd_world_pretrain(args) -> None:
     from .world.pretrain import PretrainConfig, pretrain
 
-    pretrain(args.out, PretrainConfig(seed=args.seed), stages=tuple(args.stages.split(",")))
+    stages = tuple(s.strip() for s in args.stages.split(","))
+    known = ("judge", "vae", "vae-refine", "unet")
+    if unknown := [s for s in stages if s not in known]:
+        raise UserError(f"unknown --stages {', '.join(unknown)}: choose from {', '.join(known)}")
+    pretrain(args.out, PretrainConfig(seed=args.seed), stages=stages)
 
 
 def cmd_eval(args) -> None:
-    from .blend import AdapterStack, Scale
-    from .evaluate import evaluate, parse_adapter_spec
+    from .adapters import load_adapter
+    from .blend import AdapterStack
+    from .evaluate import evaluate
 
-    specs = [parse_adapter_spec(a) for a in args.adapter]
+    adapters = [(load_adapter(path), scale) for path, scale in _scaled_specs(args.adapter)]  # before the base
     pipe = _load(args)
     stack = AdapterStack(pipe)
     triggers: list[str] = []
-    for i, (path, unet_scale, te_scale) in enumerate(specs):
-        adapter = stack.add(f"adapter{i}", path, Scale(unet_scale, unet_scale if te_scale is None else te_scale))
+    for i, (adapter, scale) in enumerate(adapters):
+        stack.add(f"adapter{i}", adapter, scale)
         triggers += [t for t in adapter.trigger_words if t not in triggers]
     # Prompts carry the adapters' trigger words, as a user of a style adapter would write them.
     result = evaluate(pipe, n=args.n, seed=args.seed, triggers=triggers, steps=args.steps, guidance=args.guidance)
@@ -175,6 +182,11 @@ def cmd_generate(args) -> None:
     prompt, tagged = parse_prompt_loras(args.prompt, args.adapters_dir)
     specs = _scaled_specs(args.adapter) + [(path, Scale(s, s)) for path, s in tagged]
     size, strengths = _size(args.size), _strengths(args.sweep) if args.sweep else None
+    out = Path(args.out)
+    from PIL import Image
+
+    if out.suffix.lower() not in Image.registered_extensions():
+        raise UserError(f"--out {out}: unknown image type {out.suffix or '(no suffix)'!r}; use .png, .jpg or .webp")
     if strengths and not specs:
         raise UserError("--sweep varies adapter strengths: add --adapter PATH or a <lora:NAME> tag")
     adapters = [(path, load_adapter(path), scale) for path, scale in specs]  # bad files fail before the base loads
@@ -193,9 +205,8 @@ def cmd_generate(args) -> None:
                            col_labels=[f"{s:g}" for s in strengths])
     else:
         image = stack.generate(prompt, **gen)
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    image.save(out)
+    with atomic_path(out) as tmp:
+        image.save(tmp)
     print(f"wrote {out}" + (f" ({len(stack.names)} adapters x {len(strengths)} strengths)" if strengths else ""))
 
 
@@ -290,7 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("eval", help="judge a base (+ adapters) on held-out prompts")
     _add_base(p)
-    p.add_argument("--adapter", action="append", default=[], metavar="PATH[:SCALE]")
+    p.add_argument("--adapter", action="append", default=[], metavar="PATH[:SCALE[:TE_SCALE]]",
+                   help="blend an adapter in (repeatable); its trigger words are added to the prompts")
     p.add_argument("--n", type=int, default=120)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS)

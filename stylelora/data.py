@@ -336,8 +336,8 @@ class CaptionProcessor:
     def __post_init__(self) -> None:
         if self.keep_tokens < 0:
             raise ValueError(f"keep_tokens must be >= 0, got {self.keep_tokens}")
-        if not 0.0 <= self.dropout <= 1.0:
-            raise ValueError(f"caption dropout must be in [0, 1], got {self.dropout}: try 0.05")
+        if not 0.0 <= self.dropout < 1.0:  # 1 would train on no caption at all
+            raise ValueError(f"caption dropout must be in [0, 1), got {self.dropout}: try 0.05")
 
     @property
     def deterministic(self) -> bool:
@@ -484,12 +484,11 @@ class CaptionFolder(Dataset):
 
     def guess_triggers(self) -> list[str]:
         """Tags every captioned image shares at its start ("trigger, caption", kohya's habit) or at
-        its end ("caption, trigger", the example datasets' convention), e.g. ["outline"]."""
+        its end ("caption, trigger", the example datasets' convention), e.g. ["outline"]. When every
+        caption is the same, nothing tells trigger from description: no guess (pass --trigger)."""
         tag_lists = [split_tags(it.caption) for it in self.items if it.caption]
-        if not tag_lists:
+        if not tag_lists or all(t == tag_lists[0] for t in tag_lists):
             return []
-        if all(t == tag_lists[0] for t in tag_lists):  # one caption: its leading tags, not its description
-            return tag_lists[0][:-1]
         found = []
         for lists in (tag_lists, [t[::-1] for t in tag_lists]):  # shared prefix, then shared suffix
             shared = os.path.commonprefix(lists)  # element-wise on lists

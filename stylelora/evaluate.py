@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -83,25 +82,3 @@ def parse_adapter_spec(spec: str) -> tuple[str, float, float | None]:
         raise ValueError(f"malformed adapter {spec!r}: use PATH, PATH:SCALE or PATH:SCALE:TE_SCALE "
                          "(e.g. pastel.safetensors:0.8)")
     return path, (numbers[0] if numbers else 1.0), (numbers[1] if len(numbers) > 1 else None)
-
-
-@contextmanager
-def diffusers_adapters(pipe, specs: list[tuple[str, float]]):
-    """Load adapters with plain diffusers (load_lora_weights + set_adapters) for the duration of
-    the block; yields their trigger words. Unloaded afterwards, leaving the base as it was."""
-    from .adapters import load_adapter
-
-    names, triggers = [], []
-    try:
-        for i, (path, scale) in enumerate(specs):
-            load_adapter(path)  # our checks first: pickle, truncation, NaN -> one clear error
-            name = f"a{i}"
-            pipe.load_lora_weights(path, adapter_name=name)
-            names.append(name)
-            triggers += load_adapter(path).trigger_words
-        if names:
-            pipe.set_adapters(names, [s for _, s in specs])
-        yield list(dict.fromkeys(triggers))
-    finally:
-        if names:
-            pipe.unload_lora_weights()

@@ -8,6 +8,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFont
 
+from .fileio import atomic_path
+
 
 def plot_loss(csv_path: str | Path, png_path: str | Path, size=(640, 360), smooth: int = 5) -> Path:
     """Plot the `loss` column against `step` (raw in grey, moving average in blue)."""
@@ -40,5 +42,6 @@ def plot_loss(csv_path: str | Path, png_path: str | Path, size=(640, 360), smoot
         for s in (x0, (x0 + x1) // 2, x1):
             draw.text((xy(s, lo)[0] - 10, h - bottom + 8), str(s), fill="black", font=font)
     draw.rectangle((left, top, w - right, h - bottom), outline="black")
-    img.save(png_path)
+    with atomic_path(png_path) as tmp:
+        img.save(tmp)
     return Path(png_path)

@@ -34,6 +34,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from .fileio import atomic_path, fsync, write_text
+
 OPTIMIZERS = ("adamw", "adamw8bit")
 SCHEDULES = ("constant", "linear", "cosine")
 PRECISIONS = ("no", "fp16", "bf16")
@@ -121,6 +123,8 @@ class TrainConfig:
         need(self.min_snr_gamma is None or self.min_snr_gamma >= 0,
              f"min_snr_gamma must be >= 0 (0 = off, the flag's way to say None), got {self.min_snr_gamma}")
         need(self.preserve_weight >= 0, f"preserve_weight must be >= 0 (0 = off), got {self.preserve_weight}")
+        need(self.device in ("auto", "cpu", "cuda", "mps"), f"device {self.device!r} unknown: use auto, cpu, cuda "
+             "or mps (to pick GPUs, set CUDA_VISIBLE_DEVICES or use accelerate launch --gpu_ids)")
         need(self.log_every > 0, f"log_every must be positive, got {self.log_every}: try 10")
         for name in ("sample_every", "checkpoint_every", "warmup_steps", "weight_decay", "max_grad_norm",
                      "noise_offset"):
@@ -221,21 +225,8 @@ def _snr_weights(alphas_cumprod: torch.Tensor, t: torch.Tensor, gamma: float, v_
 def _atomic_save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata=None) -> None:
     from safetensors.torch import save_file
 
-    tmp = path.with_name(path.name + ".tmp")
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-    _fsync(tmp)
-    os.replace(tmp, path)
-
-
-def _fsync(path: Path) -> None:
-    """Flush a file (or a folder's entries) to disk: a rename must not outlive the data it names."""
-    if os.name == "nt" and path.is_dir():  # Windows cannot open a folder for fsync
-        return
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
 
 
 def _make_optimizer(cfg: TrainConfig, groups):
@@ -269,7 +260,7 @@ def save_checkpoint(run: Path, step: int, named_params: dict[str, torch.nn.Param
         _atomic_save_tensors(dict(named_params), tmp / "lora.safetensors")
         _atomic_save_tensors(moments, tmp / "optimizer.safetensors")
         (tmp / "state.json").write_text(json.dumps({"step": step, "config": cfg.summary()}, indent=2))
-        _fsync(tmp / "state.json")
+        fsync(tmp / "state.json")
     except OSError as e:  # e.g. a full disk: keep the last good checkpoint, say which one it is
         shutil.rmtree(tmp, ignore_errors=True)
         prev = sorted((run / "checkpoints").glob("step-??????"))
@@ -279,7 +270,7 @@ def save_checkpoint(run: Path, step: int, named_params: dict[str, torch.nn.Param
                                "is intact)" if prev else " (there is no earlier checkpoint)")) from e
     _discard(final)  # the same step saved again (a resume from an earlier checkpoint)
     os.replace(tmp, final)
-    _fsync(final.parent)
+    fsync(final.parent)
     kept = sorted((run / "checkpoints").glob("step-??????"))
     for old in kept[: max(0, len(kept) - cfg.keep_checkpoints)]:
         _discard(old)
@@ -311,16 +302,30 @@ def find_checkpoint(path: str | os.PathLike) -> Path:
     return found[-1]
 
 
-def load_checkpoint(ckpt: Path, named_params, optimizer) -> int:
+# Settings a resumed run may change: bookkeeping, the length of the run, and paths (a dataset or
+# base that moved). Anything else would make "resume" silently a different run.
+RESUME_MAY_CHANGE = {"steps", "log_every", "sample_every", "checkpoint_every", "keep_checkpoints", "cache",
+                     "dataset", "base"}
+
+
+def load_checkpoint(ckpt: Path, named_params, optimizer, cfg: TrainConfig | None = None) -> int:
     from safetensors.torch import load_file
 
     try:
         weights = load_file(str(ckpt / "lora.safetensors"))
         moments = load_file(str(ckpt / "optimizer.safetensors"))
-        step = json.loads((ckpt / "state.json").read_text())["step"]
+        state = json.loads((ckpt / "state.json").read_text())
+        step, saved = state["step"], state.get("config", {})
     except Exception as e:  # SafetensorError, OSError, JSON errors: all mean a damaged checkpoint
         raise ValueError(f"checkpoint {ckpt} is damaged ({type(e).__name__}: {e}); resume from an earlier "
                          "one by passing its folder to --resume") from e
+    if cfg is not None:
+        now = cfg.summary()
+        differ = [k for k in now if k in saved and k not in RESUME_MAY_CHANGE and saved[k] != now[k]]
+        if differ:
+            raise ValueError(f"checkpoint {ckpt} was trained with different settings: "
+                             + ", ".join(f"{k}={saved[k]!r} there, {now[k]!r} here" for k in differ)
+                             + ". Resume with the checkpoint's settings, or start a new run (another --out).")
     missing = set(named_params) - set(weights)
     wrong = [n for n in named_params if n in weights and weights[n].shape != named_params[n].shape]
     if missing or wrong:
@@ -363,10 +368,26 @@ def train(cfg: TrainConfig, *, on_log: Callable[[dict], None] | None = None,
         discover(cfg.dataset, cfg.caption_ext)  # raises, naming the path and the fix
     ckpt = find_checkpoint(cfg.resume) if cfg.resume else None
 
+    from accelerate.state import AcceleratorState
+
+    # accelerate keeps one AcceleratorState per process and refuses a second Accelerator with another
+    # precision or device: a notebook, the UI or a benchmark calling train() again must still work.
+    # Reset that per-run state only; the process / distributed state (PartialState) stays.
+    if AcceleratorState._shared_state:
+        AcceleratorState._reset_state(reset_partial_state=False)
     accel = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum,
                         cpu=cfg.device == "cpu")
     dev = accel.device
-    pipe = load_base(cfg.base, config=cfg.base_config, device=str(dev))
+    if cfg.device not in ("auto", "cpu") and dev.type != cfg.device:
+        raise ValueError(f"device {cfg.device!r} asked for, but accelerate found none and picked {dev.type}: "
+                         "use --device auto or cpu (choose GPUs with CUDA_VISIBLE_DEVICES or accelerate launch)")
+    # Frozen weights in the mixed-precision dtype, the LoRA weights in float32 (as the diffusers
+    # examples do): the optimizer and fp16's gradient scaler need float32 parameters. The base is
+    # read in float32 first so the fingerprint names the released weights, not a rounded copy.
+    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision, torch.float32)
+    pipe = load_base(cfg.base, config=cfg.base_config, device="cpu", dtype=torch.float32)
+    base_fingerprint = fingerprint(pipe)
+    pipe.to(dev, weight_dtype)
     unet, te, vae, tok = pipe.unet, pipe.text_encoder, pipe.vae, pipe.tokenizer
     for m in (unet, te, vae):
         m.requires_grad_(False)
@@ -386,6 +407,8 @@ def train(cfg: TrainConfig, *, on_log: Callable[[dict], None] | None = None,
     t_targets = text_encoder_targets(te) if cfg.train_text_encoder else []
     if t_targets:
         params["text_encoder"] = inject(te, t_targets, cfg.rank, cfg.scale_alpha, cfg.lora_dropout)
+    for p in (p for group in params.values() for p in group):
+        p.data = p.data.float()
     named = {f"unet.{n}": p for n, p in unet.named_parameters() if p.requires_grad}
     named.update({f"text_encoder.{n}": p for n, p in te.named_parameters() if p.requires_grad})
     if cfg.gradient_checkpointing:
@@ -398,13 +421,21 @@ def train(cfg: TrainConfig, *, on_log: Callable[[dict], None] | None = None,
 
     run = cfg.run_path
     start = 0
+    old = sorted((run / "checkpoints").glob("step-*")) if ckpt is None else []
+    if old and accel.is_main_process:  # a new run owns its folder: --resume must never find these
+        for folder in old:
+            if folder.name[5:].isdigit():
+                _discard(folder)
+            else:  # .tmp / .deleting leftovers
+                shutil.rmtree(folder, ignore_errors=True)
+        print(f"new run in {run}: removed {len(old)} checkpoint(s) of an earlier run there")
+    accel.wait_for_everyone()
     if ckpt is not None:
-        start = load_checkpoint(ckpt, named, optimizer)
+        start = load_checkpoint(ckpt, named, optimizer, cfg)
         if accel.is_main_process:
             print(f"resumed from {ckpt} at step {start}")
 
     # Caches: exact only when nothing random touches pixels / captions / the text encoder.
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision, torch.float32)
     cache_latents = cfg.cache and data.deterministic_pixels
     cache_text = cfg.cache and data.deterministic_captions and not t_targets
     latent_cache: dict[int, torch.Tensor] = {}
@@ -413,7 +444,7 @@ def train(cfg: TrainConfig, *, on_log: Callable[[dict], None] | None = None,
     def encode_text(captions: list[str], grad: bool) -> torch.Tensor:
         ids = tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True,
                   return_tensors="pt").input_ids.to(dev)
-        with torch.set_grad_enabled(grad):
+        with torch.set_grad_enabled(grad), accel.autocast():
             return te(ids)[0]
 
     @torch.no_grad()
@@ -434,6 +465,9 @@ def train(cfg: TrainConfig, *, on_log: Callable[[dict], None] | None = None,
     # Prior preservation: the trigger words (given, or the tags every caption shares) are removed
     # from each caption; the adapter must then reproduce the base (all LoRA layers off).
     triggers = [w.strip() for w in (cfg.trigger or "").split(",") if w.strip()] or data.guess_triggers()
+    if cfg.preserve_weight and not triggers:
+        raise ValueError(f"preserve_weight needs trigger words to remove, and the captions in {cfg.dataset} share "
+                         "none: pass --trigger WORD")
     raw_unet, raw_te = accel.unwrap_model(unet), accel.unwrap_model(te)
     # The frozen base text encoder's embeddings never change: one cache serves the run (the same
     # dict as text_cache when the text encoder is not trained, so no caption is encoded twice).
@@ -486,8 +520,10 @@ def train(cfg: TrainConfig, *, on_log: Callable[[dict], None] | None = None,
         if start == 0 or not log_path.is_file():
             log_path.write_text("step,loss,lr\n")
         else:  # drop rows past the checkpoint so the curve has no duplicate steps
-            rows = list(csv.reader(log_path.open()))[1:]
-            log_path.write_text("step,loss,lr\n" + "".join(f"{','.join(r)}\n" for r in rows if int(r[0]) <= start))
+            with log_path.open() as f:
+                rows = list(csv.reader(f))[1:]
+            write_text(log_path, "step,loss,lr\n" + "".join(f"{','.join(r)}\n" for r in rows
+                                                          if r and r[0].isdigit() and int(r[0]) <= start))
     prompts = cfg.sample_prompts or [data.caption_for_sampling(i) for i in range(min(4, data.n_images))]
 
     bar = tqdm(total=cfg.steps, initial=start, disable=not (cfg.progress and accel.is_main_process),
@@ -579,19 +615,28 @@ def train(cfg: TrainConfig, *, on_log: Callable[[dict], None] | None = None,
     accel.wait_for_everyone()
     out = Path(cfg.out)
     if accel.is_main_process:
-        plot_loss(log_path, run / "loss.png")
         pipe.unet, pipe.text_encoder = accel.unwrap_model(unet), accel.unwrap_model(te)
         adapter = adapter_from_pipeline(pipe, metadata={
             "stylelora.base_name": base_name(cfg.base),
-            "stylelora.base_fingerprint": fingerprint(pipe),
+            "stylelora.base_fingerprint": base_fingerprint,
             "stylelora.trigger_words": json.dumps(triggers),
             "stylelora.training": json.dumps({**cfg.summary(), "steps_done": done,
                                               "seconds": round(time.time() - t0, 1)}),
             "stylelora.dataset": json.dumps(data.summary()),
         })
         out.parent.mkdir(parents=True, exist_ok=True)
-        save_adapter(adapter, out)
+        try:
+            save_adapter(adapter, out)
+        except OSError as e:
+            last = sorted((run / "checkpoints").glob("step-??????"))
+            raise OSError(e.errno, f"{e.strerror or e}; the trained adapter was not written. " + (
+                f"Free space, then `--resume {run}` continues from {last[-1].name}" if last else
+                "There is no checkpoint to resume from: free space and train again")) from e
         print(f"wrote {out} ({out.stat().st_size / 1e3:.0f} kB); run folder {run}")
+        try:  # after the adapter: a damaged log must not cost the trained weights
+            plot_loss(log_path, run / "loss.png")
+        except Exception as e:  # noqa: BLE001 - the plot is a convenience
+            print(f"warning: no loss plot ({type(e).__name__}: {e}); the log is {log_path}")
     accel.wait_for_everyone()
     accel.end_training()
     return out
@@ -604,5 +649,6 @@ def _save_samples(pipe, accel, unet, te, prompts: list[str], path: Path) -> None
 
     pipe.unet, pipe.text_encoder = accel.unwrap_model(unet), accel.unwrap_model(te)
     pipe.unet.eval(), pipe.text_encoder.eval()
-    images = generate_images(pipe, prompts, list(range(len(prompts))))
+    with accel.autocast():  # frozen weights may be half precision, the LoRA weights float32
+        images = generate_images(pipe, prompts, list(range(len(prompts))))
     image_grid([images]).save(path)

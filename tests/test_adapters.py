@@ -9,7 +9,6 @@ import contextlib
 import copy
 import json
 import logging
-import os
 import pickle
 import struct
 import warnings

@@ -12,6 +12,7 @@ from __future__ import annotations
 import builtins
 import errno
 import io
+import json
 import os
 import pickle
 import re
@@ -546,8 +547,19 @@ def test_missing_dataset_fails_before_loading_the_base(tmp_path, tiny_base):
     t0 = time.perf_counter()
     done = cli("train", tmp_path / "nowhere", "--base", tiny_base, "--device", "cpu", cwd=tmp_path)
     assert_one_error(done, r"dataset folder .*nowhere does not exist: check the path")
-    assert "Loading pipeline components" not in done.stderr  # failed before the base loaded
     assert list(tmp_path.iterdir()) == [] and time.perf_counter() - t0 < 60
+
+
+def test_missing_dataset_is_reported_without_loading_the_base(tmp_path, monkeypatch, capsys):
+    import stylelora.base
+    from stylelora.cli import main
+
+    def no_load(*a, **k):
+        raise AssertionError("the base was loaded before the dataset was checked")
+
+    monkeypatch.setattr(stylelora.base, "load_base", no_load)
+    assert main(["train", str(tmp_path / "nowhere"), "--device", "cpu"]) == 2
+    assert re.search(r"dataset folder .*nowhere does not exist: check the path", capsys.readouterr().err)
 
 
 def test_dataset_of_only_bad_images_is_one_error(tmp_path, tiny_base):
@@ -569,6 +581,12 @@ def test_resume_with_a_different_rank_names_the_mismatch(tmp_path, dataset, tiny
     common = dict(dataset=str(dataset), base=str(tiny_base), steps=2, batch_size=1, sample_every=0, progress=False,
                   device="cpu", checkpoint_every=1, out=str(tmp_path / "a.safetensors"))
     train(TrainConfig(rank=1, **common))
+    with pytest.raises(ValueError, match=r"checkpoint .*step-000001 was trained with different settings: rank=1 "
+                                         r"there, 2 here\. Resume with the checkpoint's settings"):
+        train(TrainConfig(rank=2, resume=str(tmp_path / "a.run"), **common))
+    # A checkpoint without its settings (hand-made, or damaged state.json): the tensors' shapes still tell.
+    state = tmp_path / "a.run" / "checkpoints" / "step-000001" / "state.json"
+    state.write_text(json.dumps({"step": 1}))
     with pytest.raises(ValueError, match=r"checkpoint .*step-000001 does not match this run's LoRA layout \(.* is "
                                          r"\(1, \d+\) there, \(2, \d+\) here\): resume with the same targets, rank"):
         train(TrainConfig(rank=2, resume=str(tmp_path / "a.run"), **common))
@@ -611,3 +629,32 @@ def test_generate_lora_tag_errors(tmp_path, prompt, pattern):
     assert [p.name for p in tmp_path.iterdir()] == ["adapters"]
     with pytest.raises((ValueError, FileNotFoundError)):  # the library raises the same
         parse_prompt_loras(prompt, tmp_path / "adapters")
+
+
+def test_atomic_path_leaves_the_old_file_or_the_new_one(tmp_path):
+    from stylelora.fileio import atomic_path, write_text
+
+    target = write_text(tmp_path / "a.txt", "old\n")
+    with pytest.raises(RuntimeError, match="mid-write"):
+        with atomic_path(target) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("mid-write")
+    assert target.read_text() == "old\n" and [p.name for p in tmp_path.iterdir()] == ["a.txt"]
+    with atomic_path(tmp_path / "b.png") as tmp:  # the real suffix stays last: PIL picks PNG from it
+        assert tmp.suffix == ".png" and tmp.parent == tmp_path
+        Image.new("RGB", (4, 4)).save(tmp)
+    assert Image.open(tmp_path / "b.png").format == "PNG"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["generate", "x", "--out", "x.unknown"], r"--out x\.unknown: unknown image type '\.unknown'; use \.png"),
+    (["world", "pretrain", "--out", "o", "--stages", "judge,unett"], r"unknown --stages unett: choose from"),
+    (["generate", "x", "--out", "x.png", "--device", "bogus"], r"unknown device 'bogus': use auto, cpu, cuda"),
+])
+def test_cli_refuses_before_any_work(argv, message, tmp_path, monkeypatch, capsys):
+    from stylelora.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(argv) == 2
+    assert re.search(message, capsys.readouterr().err)
+    assert list(tmp_path.iterdir()) == []

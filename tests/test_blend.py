@@ -281,3 +281,13 @@ def test_overflowing_scales_are_refused_and_leave_the_weights_as_they_were(stack
     assert all(torch.equal(v, before[k]) for k, v in weights(pipe).items())
     stack.set_scales({"pastel": 0.5})  # still usable afterwards
     assert all(torch.equal(v, before[k]) for k, v in weights(pipe).items())
+    # Only the up blocks overflow: the text encoder and down/mid layers are rewritten first and
+    # must be put back too, and a failed add() leaves no trace.
+    with pytest.raises(ValueError, match="lower the scales"):
+        stack.set_scales({"pastel": {"unet": 0.7, "text_encoder": 0.7, "blocks": {"up": 1e39}}})
+    assert all(torch.equal(v, before[k]) for k, v in weights(pipe).items())
+    with pytest.raises(ValueError, match="lower the scales"):
+        stack.add("ink", adapters["ink"], {"blocks": {"up": 1e39}})
+    assert all(torch.equal(v, before[k]) for k, v in weights(pipe).items())
+    assert list(stack.scales) == ["pastel"] and stack.scales["pastel"].unet == 0.5
+    assert not any("attn1" in k for k in stack._w0), "the failed adapter's W0 copies were kept"

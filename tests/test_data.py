@@ -271,7 +271,9 @@ def test_caption_dropout_rate():
     proc = CaptionProcessor("tr", dropout=0.3)
     dropped = sum(proc("a, b", random.Random(s)) == "" for s in range(4000))
     assert 0.27 < dropped / 4000 < 0.33
-    assert {CaptionProcessor(dropout=1.0)("a", random.Random(s)) for s in range(5)} == {""}
+    assert {CaptionProcessor(dropout=0.999999)("a", random.Random(s)) for s in range(5)} == {""}
+    with pytest.raises(ValueError, match=r"caption dropout must be in \[0, 1\), got 1.0"):
+        CaptionProcessor(dropout=1.0)  # would train on no caption at all
 
 
 tag = st.text(st.characters(blacklist_characters=",", blacklist_categories=("Cs",)), min_size=1,
@@ -365,7 +367,7 @@ def test_sampling_helpers(tmp_path):
     assert data.caption_for_sampling(1) == "neon, outline, thing 1"
     solo = tmp_path / "solo"
     solid(solo / "a.png", caption="pastel, a red star")
-    assert CaptionFolder(solo).guess_triggers() == ["pastel"]
+    assert CaptionFolder(solo).guess_triggers() == []  # "pastel, a red star" or "a red star, pastel"?
     trailing = tmp_path / "trailing"  # the example datasets' convention: "caption, trigger"
     for i in range(3):
         solid(trailing / f"{i}.png", caption=f"a thing {i}, sepia, dots")

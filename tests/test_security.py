@@ -164,5 +164,5 @@ def test_base_folder_with_pickle_weights_is_refused(tmp_path, tiny_random_pipe):
 
     tiny_random_pipe.save_pretrained(tmp_path / "binbase", safe_serialization=False)
     assert list((tmp_path / "binbase" / "unet").glob("*.bin"))
-    with pytest.raises(ValueError, match=r"binbase.*(pickle|\.bin|safetensors)"):
+    with pytest.raises(ValueError, match=r"binbase holds pickle \(\.bin\) weights, which can run code"):
         load_base(tmp_path / "binbase")

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from stylelora.adapters import load_adapter
 from stylelora.cli import main
 from stylelora.train import TrainConfig, load_toml, train
 from stylelora.world.render import render_batch, styled_caption
@@ -32,12 +33,19 @@ def test_config_rejects_bad_values(kwargs, message):
         TrainConfig(dataset="x", **kwargs)
 
 
-def test_min_snr_gamma_zero_turns_the_weighting_off_from_the_cli(tmp_path):
+def test_min_snr_gamma_zero_turns_the_weighting_off_from_the_cli(tmp_path, tiny_base, style_folder, monkeypatch):
+    import stylelora.train as T
     from stylelora.cli import build_parser
 
     args = build_parser().parse_args(["train", str(tmp_path), "--min-snr-gamma", "0"])
-    assert TrainConfig(dataset="x", min_snr_gamma=0.0).min_snr_gamma == 0.0
     assert args.min_snr_gamma == 0.0
+    calls = []
+    real = T._snr_weights
+    monkeypatch.setattr(T, "_snr_weights", lambda *a: calls.append(a) or real(*a))
+    train(_cfg(tiny_base, style_folder, tmp_path / "off.safetensors", steps=2, min_snr_gamma=args.min_snr_gamma))
+    assert calls == []
+    train(_cfg(tiny_base, style_folder, tmp_path / "on.safetensors", steps=2))  # the default, 5
+    assert len(calls) == 2 and calls[0][2] == 5.0
 
 
 def test_toml_unknown_keys_are_named(tmp_path):
@@ -191,3 +199,56 @@ def test_preservation_keeps_untriggered_prompts_at_the_base(tiny_base, style_fol
         stack.reset()
     assert drift[1.0][caption] < 0.6 * drift[0.0][caption], drift
     assert drift[0.0][caption] > 0.05, "the unpreserved adapter must move the base for this to test anything"
+
+
+def test_bf16_keeps_frozen_weights_in_bf16_and_trains_float32_lora(tiny_base, style_folder, tmp_path, monkeypatch):
+    """mixed_precision as the diffusers examples use it: base in half precision, LoRA float32 (what
+    the optimizer and fp16's gradient scaler need). Runs on CPU autocast here, CUDA the same way."""
+    import stylelora.train as T
+
+    seen = {}
+    real = T._make_optimizer
+
+    def spy(cfg, groups):
+        seen["lora"] = {p.dtype for g in groups for p in g["params"]}
+        return real(cfg, groups)
+
+    monkeypatch.setattr(T, "_make_optimizer", spy)
+    out = train(_cfg(tiny_base, style_folder, tmp_path / "bf16.safetensors", steps=3, mixed_precision="bf16"))
+    assert seen["lora"] == {torch.float32}
+    adapter = load_adapter(out)
+    assert all(l.up.dtype == torch.float32 and torch.isfinite(l.up).all() for l in adapter.layers.values())
+    assert any(l.up.abs().max() > 0 for l in adapter.layers.values()), "bf16 training did not move LoRA B"
+    fp32 = load_adapter(train(_cfg(tiny_base, style_folder, tmp_path / "fp32.safetensors", steps=3)))
+    # the fingerprint names the released (float32) base, not the bf16 copy trained against
+    assert adapter.metadata["stylelora.base_fingerprint"] == fp32.metadata["stylelora.base_fingerprint"]
+
+
+def test_resume_refuses_a_checkpoint_trained_with_other_settings(tiny_base, style_folder, tmp_path):
+    train(_cfg(tiny_base, style_folder, tmp_path / "a.safetensors", steps=4, checkpoint_every=2))
+    with pytest.raises(ValueError, match=r"different settings: rank=2 there, 4 here, lr=0.001 there, 0.002 here"):
+        train(_cfg(tiny_base, style_folder, tmp_path / "a.safetensors", steps=6, rank=4, lr=2e-3,
+                   resume=str(tmp_path / "a.run")))
+    # a longer run is allowed: steps may change
+    train(_cfg(tiny_base, style_folder, tmp_path / "a.safetensors", steps=6, resume=str(tmp_path / "a.run")))
+
+
+def test_a_new_run_into_an_old_run_folder_clears_its_checkpoints(tiny_base, style_folder, tmp_path, capsys):
+    train(_cfg(tiny_base, style_folder, tmp_path / "a.safetensors", steps=4, checkpoint_every=2))
+    assert [p.name for p in sorted((tmp_path / "a.run" / "checkpoints").iterdir())] == ["step-000002"]
+    capsys.readouterr()
+    train(_cfg(tiny_base, style_folder, tmp_path / "a.safetensors", steps=2, rank=4))
+    assert "removed 1 checkpoint(s) of an earlier run" in capsys.readouterr().out
+    assert list((tmp_path / "a.run" / "checkpoints").iterdir()) == []  # --resume can no longer find the old run
+
+
+def test_the_adapter_is_written_even_when_the_loss_plot_fails(tiny_base, style_folder, tmp_path, monkeypatch, capsys):
+    import stylelora.plots
+
+    def broken(*a, **k):
+        raise ValueError("torn last row")
+
+    monkeypatch.setattr(stylelora.plots, "plot_loss", broken)
+    out = train(_cfg(tiny_base, style_folder, tmp_path / "a.safetensors", steps=2))
+    assert load_adapter(out).layers
+    assert "warning: no loss plot (ValueError: torn last row)" in capsys.readouterr().out

@@ -380,7 +380,7 @@ def test_auth_refuses_a_wrong_password(tiny_base, ui_dirs):
     try:
         assert httpx.get(url + "config").status_code == 401
         assert httpx.post(url + "login", data={"username": "alice", "password": "wrong"}).status_code >= 400
-        with pytest.raises(Exception):
+        with pytest.raises(ValueError, match="Invalid credentials"):
             client(url, auth=("alice", "wrong"))
         ok = client(url, auth=("alice", "s3cret"))
         assert pixels(ok.predict(*request(steps=2), api_name="/generate")).shape == (64, 64, 3)
@@ -388,9 +388,10 @@ def test_auth_refuses_a_wrong_password(tiny_base, ui_dirs):
         app.close()
 
 
-def test_cli_ui_subcommand():
+def test_cli_ui_subcommand(monkeypatch):
     from stylelora.cli import build_parser, main
 
+    monkeypatch.delenv("STYLELORA_UI_AUTH", raising=False)  # the flag's default comes from it
     args = build_parser().parse_args(["ui"])
     assert (args.host, args.port, args.adapters, args.auth) == ("127.0.0.1", 7860, "adapters", None)
     assert main(["ui", "--auth", "no-colon"]) == 2  # refused before any model loads

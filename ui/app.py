@@ -38,6 +38,7 @@ from pathlib import Path, PurePosixPath
 import gradio as gr
 
 from stylelora.blend import MODES
+from stylelora.fileio import write_text
 
 MAX_SLOTS = 8
 SLOT_FIELDS = 5  # per slot, in the generate inputs: name, enabled, strength, x UNet, x text encoder
@@ -164,6 +165,8 @@ class StyleloraUI:
         self.base, self.base_config = base, base_config
         self.max_adapter_bytes, self.max_dataset_bytes = int(max_adapter_mb * MB), int(max_dataset_mb * MB)
         self.pipe = load_base(base, config=base_config, device=device)
+        # Training runs where the app's model runs (TrainConfig takes a device type, not cuda:N).
+        self.device = self.pipe.device.type
         self.stack = AdapterStack(self.pipe)
         self.native = self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
         self._lock = threading.Lock()  # adding/removing adapters and files; generation locks the stack
@@ -321,7 +324,8 @@ class StyleloraUI:
             if item.caption_source == "metadata.jsonl":
                 in_jsonl.append(rel)
                 continue
-            item.path.with_suffix(".txt").write_text(caption + "\n", encoding="utf-8")
+            # the caption file it was read from (.txt, or the dataset's own extension), replaced atomically
+            write_text(item.path.with_name(item.caption_source or item.path.stem + ".txt"), caption + "\n")
             changed += 1
         note = f"; not changed (captioned in metadata.jsonl, edit it there): {', '.join(in_jsonl)}" if in_jsonl else ""
         return f"saved {changed} caption(s) in {folder}{note}"
@@ -365,7 +369,7 @@ class StyleloraUI:
                 raise FileExistsError(f"an adapter named {out.stem!r} exists: pick another name or delete it")
             cfg = TrainConfig(dataset=str(self.dataset_path(dataset)), out=str(out), base=self.base,
                               base_config=self.base_config, trigger=(trigger or "").strip() or None,
-                              steps=steps, rank=int(rank), lr=float(lr), progress=False,
+                              steps=steps, rank=int(rank), lr=float(lr), progress=False, device=self.device,
                               run_dir=str(self.adapters_dir / ".runs" / out.stem),
                               log_every=max(1, min(10, steps // 100)), sample_every=max(1, steps // 4))
             self.job = TrainJob(cfg)

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -221,6 +223,19 @@ def build_pipeline(vae, te, tokenizer, unet):
                                    requires_safety_checker=False)
 
 
+def _save_folder(write, final: Path) -> None:
+    """write(folder) into a fresh sibling folder, then swap it in: an interrupted save (an hour into
+    a rebuild) leaves the previous model whole, never a mix of old and new files."""
+    tmp, old = final.with_name(final.name + ".tmp"), final.with_name(final.name + ".old")
+    for leftover in (tmp, old):
+        shutil.rmtree(leftover, ignore_errors=True)
+    write(tmp)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def pretrain(out: str | Path, cfg: PretrainConfig | None = None, stages=("judge", "vae", "unet")) -> None:
     """Train the requested stages and write them under `out` (judge.safetensors, base/)."""
     from safetensors.torch import save_file
@@ -233,7 +248,8 @@ def pretrain(out: str | Path, cfg: PretrainConfig | None = None, stages=("judge"
     if "judge" in stages:
         t = time.time()
         judge = train_judge(cfg)
-        save_file(judge.state_dict(), str(out / "judge.safetensors"))
+        save_file(judge.state_dict(), str(out / "judge.safetensors.tmp"))
+        os.replace(out / "judge.safetensors.tmp", out / "judge.safetensors")
         timings["judge_s"] = round(time.time() - t)
     tokenizer = build_tokenizer()
     if "vae" in stages:
@@ -255,10 +271,12 @@ def pretrain(out: str | Path, cfg: PretrainConfig | None = None, stages=("judge"
         te, unet = train_unet(cfg, vae, tokenizer)
         timings["unet_s"] = round(time.time() - t)
         pipe = build_pipeline(vae, te, tokenizer, unet)
-        pipe.save_pretrained(out / "base", safe_serialization=True)
+        _save_folder(lambda d: pipe.save_pretrained(d, safe_serialization=True), out / "base")
     elif "vae" in stages or "vae-refine" in stages:  # VAE retrained alone: keep text encoder/UNet files untouched
-        vae.save_pretrained(out / "base" / "vae", safe_serialization=True)
+        _save_folder(lambda d: vae.save_pretrained(d, safe_serialization=True), out / "base" / "vae")
     record = out / "pretrain.json"  # stages may run separately: keep earlier stages' timings
     previous = json.loads(record.read_text())["timings"] if record.is_file() else {}
-    record.write_text(json.dumps({"config": asdict(cfg), "timings": {**previous, **timings}}, indent=2))
+    record.with_suffix(".tmp").write_text(json.dumps({"config": asdict(cfg), "timings": {**previous, **timings}},
+                                                     indent=2))
+    os.replace(record.with_suffix(".tmp"), record)
     print(json.dumps(timings))

@@ -1,0 +1,52 @@
+"""Crash-safe file writes: readers see the old file or the new one, never half of one."""
+
+from __future__ import annotations
+
+import errno
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+# Formats that unpickle on load, so can run code: refused everywhere, with a note to convert.
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; write it inside the block. On success it is flushed to
+    disk and renamed over `path`; on any error it is deleted and `path` is left as it was.
+    The temporary name keeps the real suffix last, so PIL and friends infer the format from it."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{path.suffix}", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        fsync(tmp)
+        os.replace(tmp, path)
+    except BaseException as e:
+        tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            raise OSError(errno.ENOSPC, f"no space left on device while writing {path}: free some space "
+                                        "and write it again (nothing was written under that name)") from e
+        raise
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    return Path(path)
+
+
+def fsync(path: Path) -> None:
+    """Flush a file (or a folder's entries) to disk: a rename must not outlive the data it names."""
+    if os.name == "nt" and path.is_dir():  # Windows cannot open a folder for fsync
+        return
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
