@@ -383,11 +383,12 @@ def train(cfg: TrainConfig, *, on_log: Callable[[dict], None] | None = None,
                          "use --device auto or cpu (choose GPUs with CUDA_VISIBLE_DEVICES or accelerate launch)")
     # Frozen weights in the mixed-precision dtype, the LoRA weights in float32 (as the diffusers
     # examples do): the optimizer and fp16's gradient scaler need float32 parameters. The base is
-    # read in float32 first so the fingerprint names the released weights, not a rounded copy.
+    # read straight into that dtype (not float32 first, then cast, as the examples do): peak memory
+    # is then the half-size copy. The fingerprint hashes at float16 precision, so under fp16 it is
+    # the released base's; under bf16 it is the bf16 copy's (the weights trained against).
     weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision, torch.float32)
-    pipe = load_base(cfg.base, config=cfg.base_config, device="cpu", dtype=torch.float32)
+    pipe = load_base(cfg.base, config=cfg.base_config, device=str(dev), dtype=weight_dtype)
     base_fingerprint = fingerprint(pipe)
-    pipe.to(dev, weight_dtype)
     unet, te, vae, tok = pipe.unet, pipe.text_encoder, pipe.vae, pipe.tokenizer
     for m in (unet, te, vae):
         m.requires_grad_(False)

@@ -214,14 +214,23 @@ def test_bf16_keeps_frozen_weights_in_bf16_and_trains_float32_lora(tiny_base, st
         return real(cfg, groups)
 
     monkeypatch.setattr(T, "_make_optimizer", spy)
+    import stylelora.base
+
+    real_load = stylelora.base.load_base
+    pipes = []
+    monkeypatch.setattr(stylelora.base, "load_base", lambda *a, **k: pipes.append(real_load(*a, **k)) or pipes[-1])
     out = train(_cfg(tiny_base, style_folder, tmp_path / "bf16.safetensors", steps=3, mixed_precision="bf16"))
     assert seen["lora"] == {torch.float32}
+    frozen = {p.dtype for m in (pipes[0].unet, pipes[0].text_encoder, pipes[0].vae)
+              for n, p in m.named_parameters() if "lora_" not in n}
+    assert frozen == {torch.bfloat16}, "the frozen base must be held in bf16 (half the memory)"
     adapter = load_adapter(out)
     assert all(l.up.dtype == torch.float32 and torch.isfinite(l.up).all() for l in adapter.layers.values())
     assert any(l.up.abs().max() > 0 for l in adapter.layers.values()), "bf16 training did not move LoRA B"
-    fp32 = load_adapter(train(_cfg(tiny_base, style_folder, tmp_path / "fp32.safetensors", steps=3)))
-    # the fingerprint names the released (float32) base, not the bf16 copy trained against
-    assert adapter.metadata["stylelora.base_fingerprint"] == fp32.metadata["stylelora.base_fingerprint"]
+    from stylelora.adapters import fingerprint
+
+    # the fingerprint is the bf16 copy's, the weights trained against
+    assert adapter.metadata["stylelora.base_fingerprint"] == fingerprint(real_load(tiny_base, dtype="bf16"))
 
 
 def test_resume_refuses_a_checkpoint_trained_with_other_settings(tiny_base, style_folder, tmp_path):
