@@ -72,6 +72,33 @@ def test_diffusers_folder_round_trip(base_pipe, tmp_path):
     assert np.array_equal(np.asarray(x), np.asarray(y))
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_load_reads_files_and_equals_diffusers(base_pipe, tmp_path, monkeypatch, dtype):
+    """The low-memory half-precision load (float32 mapped, each tensor read and cast) must give
+    what diffusers' own dtype= load gives, bit for bit, also from sharded files next to a variant."""
+    import stylelora.base as B
+    from diffusers import StableDiffusionPipeline
+
+    folder = tmp_path / "sharded"
+    base_pipe.save_pretrained(folder, max_shard_size="2MB")
+    base_pipe.unet.to(torch.float16).save_pretrained(folder / "unet", variant="fp16")  # must be ignored
+    base_pipe.unet.to(torch.float32)
+    assert len(list((folder / "unet").glob("diffusion_pytorch_model-*-of-*.safetensors"))) > 1
+    indexed = {}
+    real_index = B._tensor_index
+    monkeypatch.setattr(B, "_tensor_index", lambda f: indexed.setdefault(f.name, real_index(f)))
+    ours = load_base(folder, dtype=dtype)
+    ref = StableDiffusionPipeline.from_pretrained(folder, dtype=dtype, use_safetensors=True, local_files_only=True,
+                                                  safety_checker=None, requires_safety_checker=False)
+    for comp in ("unet", "text_encoder", "vae"):
+        a, b = getattr(ours, comp).state_dict(), getattr(ref, comp).state_dict()
+        assert a.keys() == b.keys()
+        floats = {k for k, v in a.items() if v.is_floating_point()}
+        assert floats <= indexed[comp].keys(), f"{comp}: tensors cast in memory, not read from the files"
+        for k in a:
+            assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), f"{comp}.{k} differs from diffusers"
+
+
 def test_bad_base_specs_are_clear_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.*does not exist"):
         load_base(tmp_path / "nope")
