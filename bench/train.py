@@ -21,11 +21,11 @@ isolates what caching buys from what the smaller default target set buys.
 
 Every contender runs in its own subprocess (clean peak RSS from getrusage -- the driver never
 imports torch, whose RSS a child would inherit into ru_maxrss -- same torch thread count, same
-data). steps/s is timed over the steps after warm-up, from per-step timestamps (stylelora: its
-on_log hook with log_every=1), so start-up and model loading are excluded. The warm-up covers one
-epoch, so stylelora's latent cache is full when timing starts: the sd15 setting trains on 3 images
-for that reason (3 warm-up steps at batch 1). The tiny setting runs two interleaved rounds and
-keeps each contender's best, as other jobs share the machine; sd15 runs once (it is the slow one).
+data). steps/s is 1 / the median step after warm-up, from per-step timestamps (stylelora: its
+on_log hook with log_every=1), so start-up, model loading and stalls from other jobs are excluded.
+The warm-up covers one epoch, so stylelora's latent cache is full when timing starts: the sd15
+setting trains on 3 images for that reason (3 warm-up steps at batch 1). Each setting runs two
+interleaved rounds and keeps each contender's best (--quick: one).
 If train() fails after its last timed step (writing the adapter), the timing is kept and the row
 is marked with the error. Also measured: the RSS floor (interpreter + the libraries both sides
 import). Writes a markdown table to stdout and bench/results/train.md.
@@ -41,6 +41,7 @@ import json
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -301,7 +302,12 @@ def summarise(result: dict, warmup: int, timed: int) -> dict:
     missing = [s for s in (warmup, last, 1) if s not in stamps]
     if missing:
         raise SystemExit(f"no timestamp for step(s) {missing}: got steps {sorted(stamps)}")
-    return {"error": result.get("error"), "steps_per_s": timed / (stamps[last] - stamps[warmup]),
+    missing = [s for s in range(warmup, last + 1) if s not in stamps]
+    if missing:
+        raise SystemExit(f"no timestamp for step(s) {missing}: the workers stamp every step")
+    # The median step: a stall from another job on the machine moves the mean, not the median.
+    step_s = statistics.median(stamps[s + 1] - stamps[s] for s in range(warmup, last))
+    return {"error": result.get("error"), "steps_per_s": 1 / step_s,
             "first_step_s": stamps[1] - result["t_start"],
             "peak_rss_mb": result["peak_rss_mb"], "vm_hwm_mb": result.get("vm_hwm_mb"),
             "threads": result["threads"]}
@@ -358,7 +364,7 @@ def main() -> None:
                              "data": dataset_folder(tmp, None, args.render_data), "resolution": 64,
                              "batch": 8, "warmup": w, "timed": n, "rounds": rounds})
         if args.only in (None, "sd15"):
-            n_img, w, n = 3, 3, 5  # warm-up = one epoch of n_img images at batch 1: the latent cache is full
+            n_img, w, n = 3, 3, 6  # warm-up = one epoch of n_img images at batch 1: the latent cache is full
             label = "SD1.5-layout (narrow, --quick), 128 px, batch 1" if args.quick else \
                 "SD1.5 arch (random), 256 px, batch 1"
             sd_dir = Path(args.sd15_dir) if args.sd15_dir else tmp / "sd15"
@@ -377,7 +383,7 @@ def main() -> None:
             settings.append({"key": "sd15", "label": label, "base": str(sd_dir),
                              "data": dataset_folder(tmp, n_img, args.render_data),
                              "resolution": 128 if args.quick else 256, "batch": 1, "warmup": w, "timed": n,
-                             "rounds": 1})
+                             "rounds": 1 if args.quick else 2})
 
         floor = spawn({"kind": "floor", "name": "floor", "threads": threads}, tmp, args.verbose)["peak_rss_mb"]
         notes.append(f"RSS floor: the interpreter + torch, diffusers, transformers, peft, accelerate imported = "
@@ -483,7 +489,7 @@ def render(rows: list[dict], notes: list[str], threads: int, args, total_s: floa
         lines.append(f"| {r['setting']} | {r['contender']}{mark} | {r['steps_per_s']:.3f} | {r['peak_rss_mb']:.0f} | "
                      f"{ratio} | {goals} | {r['first_step_s']:.1f} |")
     lines += ["", *[f"- {n}" for n in notes],
-              "- steps/s: timed steps / time between the per-step timestamps after warm-up (model load and "
+              "- steps/s: 1 / the median time between consecutive per-step timestamps after warm-up (model load and "
               "start-up excluded); peak RSS: getrusage ru_maxrss of the contender's own process, in MiB, "
               "whole run (imports, load, training, stylelora's adapter save). 'first step at' counts from "
               "worker start, after the interpreter started, and includes the imports, the load and step 1.",
