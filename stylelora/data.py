@@ -340,8 +340,10 @@ class CaptionProcessor:
             raise ValueError(f"caption dropout must be in [0, 1), got {self.dropout}: try 0.05")
 
     @property
-    def deterministic(self) -> bool:
-        return not self.shuffle and self.dropout == 0
+    def cacheable(self) -> bool:
+        # Without shuffle a sample's caption is one of two strings (its own, or "" when dropped),
+        # so text embeddings cached by caption string stay exact; shuffle makes too many strings.
+        return not self.shuffle
 
     def __call__(self, caption: str, rng: random.Random) -> str:
         if self.dropout and rng.random() < self.dropout:
@@ -447,9 +449,9 @@ class CaptionFolder(Dataset):
         return not (self.random_crop or self.flip)
 
     @property
-    def deterministic_captions(self) -> bool:
-        """Same caption for a sample in every epoch: text embeddings may be cached."""
-        return self.captions.deterministic
+    def cacheable_captions(self) -> bool:
+        """Each sample's caption is one of a few fixed strings: text embeddings may be cached by string."""
+        return self.captions.cacheable
 
     @property
     def report(self) -> str:

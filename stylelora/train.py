@@ -9,7 +9,8 @@ Design notes
   the same adapter as an uninterrupted one. Checkpoints hold LoRA weights, optimizer moments and
   the step, all in safetensors/JSON (no pickle).
 - Latents are cached when pixels are deterministic (no random crop/flip), text embeddings when
-  the text encoder is frozen and captions fixed: the VAE and text encoder then run once per
+  the text encoder is frozen and captions are not shuffled (a dropped caption is one more
+  string, ""): the VAE and text encoder then run once per
   image instead of once per step.
 - Runs under `accelerate launch` (DDP over processes; bf16/fp16 via --mixed-precision).
 """
@@ -438,7 +439,7 @@ def train(cfg: TrainConfig, *, on_log: Callable[[dict], None] | None = None,
 
     # Caches: exact only when nothing random touches pixels / captions / the text encoder.
     cache_latents = cfg.cache and data.deterministic_pixels
-    cache_text = cfg.cache and data.deterministic_captions and not t_targets
+    cache_text = cfg.cache and data.cacheable_captions and not t_targets
     latent_cache: dict[int, torch.Tensor] = {}
     text_cache: dict[str, torch.Tensor] = {}
 

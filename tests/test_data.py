@@ -262,7 +262,8 @@ def test_caption_processor_trigger_keep_and_determinism():
     for out in outs:  # the prepended trigger is kept in addition to keep_tokens
         assert out.split(", ")[:3] == ["sty", "t0", "t1"] and sorted(out.split(", ")[3:]) == sorted(tags[2:])
     assert proc(", ".join(tags), random.Random(7)) == proc(", ".join(tags), random.Random(7))
-    assert CaptionProcessor().deterministic and not proc.deterministic
+    # dropout only adds "" to a caption's strings: still cacheable by string; shuffle is not
+    assert CaptionProcessor().cacheable and CaptionProcessor(dropout=0.1).cacheable and not proc.cacheable
     with pytest.raises(ValueError, match="keep_tokens must be >= 0"):
         CaptionProcessor(keep_tokens=-1)
 
@@ -316,7 +317,7 @@ def test_items_go_to_buckets_and_come_out_in_range(tmp_path):
     assert sq["bucket"] == (64, 64) and sq["pixel_values"].dtype == torch.float32
     # solid colours survive resizing exactly and map 255 -> 1, 0 -> -1
     assert torch.equal(sq["pixel_values"], torch.tensor([-1.0, -1.0, 1.0]).view(3, 1, 1).expand(3, 64, 64))
-    assert data.deterministic_pixels and data.deterministic_captions
+    assert data.deterministic_pixels and data.cacheable_captions
     flat = CaptionFolder(tmp_path, resolution=64, bucket=False)
     assert {flat[i]["pixel_values"].shape for i in range(2)} == {(3, 64, 64)}
     assert "buckets: 64x64 (1), 88x48 (1)" in data.report
@@ -349,7 +350,7 @@ def test_randomness_is_a_function_of_seed_epoch_and_index(tmp_path):
     kw = dict(resolution=16, bucket=False, random_crop=True, flip=True,
               captions=CaptionProcessor(shuffle=True), seed=3)
     one, two = CaptionFolder(tmp_path, **kw), CaptionFolder(tmp_path, **kw)
-    assert not one.deterministic_pixels and not one.deterministic_captions
+    assert not one.deterministic_pixels and not one.cacheable_captions
     first = [one[i] for i in range(8)]
     assert len({tuple(s["pixel_values"].flatten().tolist()) for s in first}) > 1
     for a, b in zip(first, (two[i] for i in range(8))):

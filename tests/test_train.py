@@ -261,3 +261,33 @@ def test_the_adapter_is_written_even_when_the_loss_plot_fails(tiny_base, style_f
     out = train(_cfg(tiny_base, style_folder, tmp_path / "a.safetensors", steps=2))
     assert load_adapter(out).layers
     assert "warning: no loss plot (ValueError: torn last row)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("train_text_encoder", [True, False])
+def test_caching_is_exact(tiny_base, style_folder, tmp_path, monkeypatch, train_text_encoder):
+    """Cached latents (and, with the text encoder frozen, cached text embeddings, including the
+    empty caption of dropout) give the adapter an uncached run gives -- and the caches are used."""
+    import stylelora.base
+
+    calls = []
+    real_load = stylelora.base.load_base
+
+    def counting_load(*a, **k):
+        pipe = real_load(*a, **k)
+        for name, mod in (("vae", pipe.vae.encoder), ("text_encoder", pipe.text_encoder)):
+            mod.register_forward_hook(lambda m, i, o, name=name: calls.append(name))
+        return pipe
+
+    monkeypatch.setattr(stylelora.base, "load_base", counting_load)
+    runs = {}
+    for cache in (True, False):
+        calls.clear()
+        out = train(_cfg(tiny_base, style_folder, tmp_path / f"c{cache}.safetensors", cache=cache,
+                         caption_dropout=0.3, train_text_encoder=train_text_encoder))
+        runs[cache] = (_weights(out), calls.count("vae"), calls.count("text_encoder"))
+    (cached, vae_c, te_c), (plain, vae_p, te_p) = runs[True], runs[False]
+    assert cached.keys() == plain.keys()
+    for k in cached:
+        torch.testing.assert_close(cached[k], plain[k], rtol=0, atol=1e-6, msg=k)
+    assert vae_c < vae_p, "latents were not cached"
+    assert (te_c < te_p) != train_text_encoder, "text embeddings cached iff the text encoder is frozen"
