@@ -1,5 +1,6 @@
 """Train every example style in datasets/ with default settings and score it with the judge;
-then stack one palette and one technique adapter and compare the composition modes.
+then stack one palette and one technique adapter and compare the composition modes, and merge
+every palette x technique pair.
 
     python bench/styles.py [--n 100] [--out runs/styles]
 
@@ -26,6 +27,20 @@ from stylelora.world.render import PALETTES
 
 ROOT = Path(__file__).resolve().parent.parent
 SCALES = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+def stacked(pipe, folder: Path, palette: str, technique: str, scenes, mode: str) -> str:
+    """Table cells for one palette + technique stack at 1.0 / 1.0: both-hit, each hit, shape, colour."""
+    stack = AdapterStack(pipe)
+    for name in (palette, technique):
+        stack.add(name, folder / f"{name}.safetensors")
+    images = [stack.generate(f"{s.caption()}, {palette}, {technique}", seed=i, mode=mode) for i, s in enumerate(scenes)]
+    stack.reset()
+    r = score(images, scenes, per_image=True)
+    both = sum(a == palette and b == technique
+               for a, b in zip(r["per_image"]["palette"], r["per_image"]["technique"])) / len(scenes)
+    return (f"{both:.0%} | {r['palette'][palette]:.0%} | {r['technique'][technique]:.0%} "
+            f"| {r['shape_acc']:.0%} | {r['color_acc']:.0%}")
 
 
 def main() -> None:
@@ -64,21 +79,20 @@ def main() -> None:
     # Stacking (Zhong et al. 2024's comparison): one palette + one technique adapter at 1.0 / 1.0.
     palette = next(r["style"] for r in rows if r["family"] == "palette")
     technique = next(r["style"] for r in rows if r["family"] == "technique")
-    stack = AdapterStack(pipe)
-    for name in (palette, technique):
-        stack.add(name, out / f"{name}.safetensors")
     scenes = heldout_scenes(args.n)
-    prompts = [f"{s.caption()}, {palette}, {technique}" for s in scenes]
     modes = []
     for mode in ("merge", "switch", "composite"):
         t = time.time()
-        images = [stack.generate(p, seed=i, mode=mode) for i, p in enumerate(prompts)]
-        r = score(images, scenes, per_image=True)
-        both = sum(1 for a, b in zip(r["per_image"]["palette"], r["per_image"]["technique"]) if a == palette and b == technique) / len(scenes)
-        modes.append(f"| {mode} | {both:.0%} | {r['palette'][palette]:.0%} | {r['technique'][technique]:.0%} "
-                     f"| {r['shape_acc']:.0%} | {r['color_acc']:.0%} | {(time.time() - t) / len(scenes):.2f} |")
+        cells = stacked(pipe, out, palette, technique, scenes, mode)
+        modes.append(f"| {mode} | {cells} | {(time.time() - t) / len(scenes):.2f} |")
         print(modes[-1], flush=True)
-    stack.reset()
+
+    # Every palette x technique pair merged at 1.0 / 1.0: the pair above is one of several.
+    pairs = []
+    for pal in (r["style"] for r in rows if r["family"] == "palette"):
+        for tech in (r["style"] for r in rows if r["family"] == "technique"):
+            pairs.append(f"| {pal} + {tech} | {stacked(pipe, out, pal, tech, scenes, 'merge')} |")
+            print(pairs[-1], flush=True)
 
     lines = ["| style | train (s) | " + " | ".join(f"hit @ {s:g}" for s in SCALES) + " | shape @ 1 | colour @ 1 |",
              "|---" * (len(SCALES) + 4) + "|"]
@@ -91,12 +105,14 @@ def main() -> None:
     results.mkdir(parents=True, exist_ok=True)
     compose = "\n".join([f"| mode ({palette} + {technique}, 1.0 / 1.0) | both styles | {palette} | {technique} "
                          "| shape | colour | s / image |", "|---" * 7 + "|", *modes])
-    (results / "styles.md").write_text(f"{table}\n\n{compose}\n\n{args.n} held-out prompts per cell, default "
-                                       "TrainConfig, `python bench/styles.py`\n")
+    pair_table = "\n".join(["| merge, 1.0 / 1.0 | both styles | palette | technique | shape | colour |",
+                            "|---" * 6 + "|", *pairs])
+    (results / "styles.md").write_text(f"{table}\n\n{compose}\n\n{pair_table}\n\n{args.n} held-out prompts per "
+                                       "cell, default TrainConfig, `python bench/styles.py`\n")
     (ROOT / "docs").mkdir(exist_ok=True)
     image_grid(grid_rows, styles, [f"{s:g}" for s in SCALES], scale=2).save(ROOT / "docs" / "styles_grid.png")
     shutil.copy(out / f"{styles[0]}.run" / "loss.png", ROOT / "docs" / "loss.png")
-    print(table + "\n\n" + compose)
+    print(table + "\n\n" + compose + "\n\n" + pair_table)
 
 
 if __name__ == "__main__":

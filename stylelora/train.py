@@ -55,7 +55,10 @@ class TrainConfig:
     trigger: str | None = None        # prepended to every caption (if not already there)
     shuffle_captions: bool = False
     keep_tokens: int = 0              # with shuffle: keep the first N comma-separated tags in place
-    caption_dropout: float = 0.0
+    # Train on the empty caption this often: the adapter then also styles the unconditional branch
+    # of classifier-free guidance, which otherwise pulls the style back out. Measured on the example
+    # styles (README, bench/styles.py): hit at 1.0 pastel 85 -> 100%, dots 89 -> 94%, stripes 78 -> 86%.
+    caption_dropout: float = 0.1
     resolution: int | None = None     # None = the base's native size
     bucket: bool = True
     random_crop: bool = False
