@@ -503,8 +503,8 @@ def test_adapter_for_another_base_names_the_layer_and_both_shapes(tmp_path, tiny
 @pytest.mark.parametrize("flags, pattern", [
     (["--rank", "0"], r"rank must be a positive integer, got 0: try --rank 4"),
     (["--rank=-3"], r"rank must be a positive integer, got -3: try --rank 4"),
-    (["--lr", "0"], r"learning rate must be positive, got 0\.0: try --lr 1e-3"),
-    (["--lr=-0.001"], r"learning rate must be positive, got -0\.001: try --lr 1e-3"),
+    (["--lr", "0"], r"learning rate must be positive, got 0\.0: try --lr 2e-3"),
+    (["--lr=-0.001"], r"learning rate must be positive, got -0\.001: try --lr 2e-3"),
     (["--resolution", "60"], r"resolution must be a positive multiple of 8, got 60: try 64"),
     (["--keep-checkpoints", "0"], r"keep_checkpoints must be >= 1, got 0 .*use checkpoint_every = 0 for none"),
     (["--log-every", "0"], r"log_every must be positive, got 0: try 10"),
