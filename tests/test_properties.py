@@ -116,7 +116,7 @@ bad_body = st.one_of(
 def test_malformed_prompt_tags_raise_value_error(body, before, after):
     prompt = " ".join([*before, f"<lora:{body}>", *after])
     with tempfile.TemporaryDirectory() as d:  # empty: a tag that passed validation would raise FileNotFoundError
-        with pytest.raises(ValueError, match=r"malformed prompt tag <lora:.*use <lora:NAME> or <lora:NAME:SCALE>"):
+        with pytest.raises(ValueError, match=r"(?s)malformed prompt tag <lora:.*use <lora:NAME> or <lora:NAME:SCALE>"):
             parse_prompt_loras(prompt, d)
 
 
