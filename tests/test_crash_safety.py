@@ -142,7 +142,7 @@ def check_final_names(run: Path, out: Path) -> list[str]:
             assert sorted(p.name for p in ckpt.iterdir()) == FILES, f"torn checkpoint {ckpt}"
             assert json.loads((ckpt / "state.json").read_text())["step"] == int(ckpt.name[5:])
             load_file(str(ckpt / "lora.safetensors")), load_file(str(ckpt / "optimizer.safetensors"))
-        except FileNotFoundError:
+        except Exception:  # noqa: BLE001 -- safetensors reports a vanished file as RuntimeError, not FileNotFoundError
             if ckpt.exists():
                 raise
             continue  # renamed away (rotation) while we looked
