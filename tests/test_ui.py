@@ -333,7 +333,7 @@ def test_training_from_the_app(served, ui_dirs):
     """Start a short run through the API, poll like the page does, find the adapter listed."""
     ui = served[0].stylelora
     c = client(served[1])
-    c.predict("pastel", "quick", "pastel", 12, 4, 1e-3, api_name="/train")
+    c.predict("pastel", "quick", "pastel", 12, 4, 1e-3, "attn", api_name="/train")
     with pytest.raises(Exception, match="running|exists"):
         ui.start_training("pastel", "quick2", "", 10, 4, 1e-3)  # one run at a time
     t0 = time.time()
@@ -344,6 +344,10 @@ def test_training_from_the_app(served, ui_dirs):
     out = ui.poll(*([""] * 8), None, [])
     assert "12/12" in out[0] and "done" in out[0]
     assert "quick" in ui.adapter_names() and ui.triggers("quick") == ["pastel"]
+    from stylelora.adapters import load_adapter
+
+    trained = {k for k in load_adapter(ui.adapters_dir / "quick.safetensors").targets if k.startswith("unet.")}
+    assert any(".attn1." in k for k in trained) and any(".attn2." in k for k in trained)  # the targets picked
     img = pixels(c.predict(*request(adapters={"quick": 1.0}, slot_names=["quick"]), api_name="/generate"))
     assert img.shape == (64, 64, 3)
     ui.delete("quick", True)

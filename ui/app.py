@@ -357,7 +357,7 @@ class StyleloraUI:
         return gr.update(choices=self.datasets(), value=dest.name), table, report
 
     # --- training
-    def start_training(self, dataset, name, trigger, steps, rank, lr):
+    def start_training(self, dataset, name, trigger, steps, rank, lr, targets="cross-attn"):
         from stylelora.train import TrainConfig
 
         out = safe_child(self.adapters_dir, name, ".safetensors")
@@ -369,7 +369,7 @@ class StyleloraUI:
                 raise FileExistsError(f"an adapter named {out.stem!r} exists: pick another name or delete it")
             cfg = TrainConfig(dataset=str(self.dataset_path(dataset)), out=str(out), base=self.base,
                               base_config=self.base_config, trigger=(trigger or "").strip() or None,
-                              steps=steps, rank=int(rank), lr=float(lr), progress=False, device=self.device,
+                              steps=steps, rank=int(rank), lr=float(lr), targets=targets, progress=False, device=self.device,
                               run_dir=str(self.adapters_dir / ".runs" / out.stem),
                               log_every=max(1, min(10, steps // 100)), sample_every=max(1, steps // 4))
             self.job = TrainJob(cfg)
@@ -464,6 +464,7 @@ def build_app(adapters_dir="adapters", base=None, **options) -> gr.Blocks:
     """The Blocks app. options: datasets_dir, base_config, device, max_adapter_mb, max_dataset_mb.
     The StyleloraUI behind it is `app.stylelora`."""
     from stylelora.evaluate import DEFAULT_GUIDANCE, DEFAULT_STEPS
+    from stylelora.lora import UNET_PRESETS
     from stylelora.train import TrainConfig
 
     ui = StyleloraUI(adapters_dir, base, **options)
@@ -535,6 +536,9 @@ def build_app(adapters_dir="adapters", base=None, **options) -> gr.Blocks:
                         train_steps = gr.Number(d.steps, label="steps", precision=0, minimum=1, elem_id="train-steps")
                         rank = gr.Number(d.rank, label="rank", precision=0, minimum=1)
                         lr = gr.Number(d.lr, label="learning rate", minimum=0)
+                    targets = gr.Radio(list(UNET_PRESETS), value=d.targets, label="LoRA on the UNet's",
+                                       info="cross-attn: the default; attn: for styles you will stack with others "
+                                            "(they combine better, see the README)", elem_id="train-targets")
                     with gr.Row():
                         start = gr.Button("Start", variant="primary", elem_id="train-start")
                         stop = gr.Button("Stop", variant="stop")
@@ -580,7 +584,7 @@ def build_app(adapters_dir="adapters", base=None, **options) -> gr.Blocks:
         load_btn.click(_friendly(ui.load_captions), dataset, [table, data_note])
         save_btn.click(_friendly(ui.save_captions), [dataset, table], data_note)
         import_btn.click(_friendly(ui.import_dataset), [files, new_ds], [dataset, table, data_note])
-        start.click(_friendly(ui.start_training), [dataset, adapter_name, trigger, train_steps, rank, lr],
+        start.click(_friendly(ui.start_training), [dataset, adapter_name, trigger, train_steps, rank, lr, targets],
                     [progress, timer], api_name="train")
         stop.click(ui.stop_training, None, progress)
         app.load(lambda: gr.Timer(active=ui.job is not None and ui.job.running), None, timer,  # reopened page
