@@ -20,5 +20,5 @@ def test_demo_writes_its_pictures_and_the_judge_sees_the_style(tmp_path, capsys)
     adapter = load_adapter(tmp_path / "adapters" / "dots.safetensors")
     assert adapter.trigger_words == ["dots"] and adapter.components == {"unet", "text_encoder"}
     at0, at1 = map(int, re.search(r"judge calls (\d+)% .* at strength 0 and (\d+)% at strength 1", printed).groups())
-    # bench/styles.py measures dots at 0% / 94% on 100 prompts; the demo scores 48
+    # bench/styles.py measures dots at 0% / 95% on 100 prompts; the demo scores 48
     assert at0 <= 5 and at1 >= 85, printed
