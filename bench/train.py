@@ -19,6 +19,10 @@ Contenders per setting: the peer; stylelora's defaults; stylelora with train_tex
 on the tiny base also stylelora with the peer's own LoRA (targets=attn, frozen text encoder), which
 isolates what caching buys from what the smaller default target set buys.
 
+The stylelora contenders run with THP_MEM_ALLOC_ENABLE=1 (torch's allocator asks for transparent
+huge pages), as the `stylelora` command sets it; the example runs without, as it ships, and once
+more with it (like for like).
+
 Every contender runs in its own subprocess (clean peak RSS from getrusage -- the driver never
 imports torch, whose RSS a child would inherit into ru_maxrss -- same torch thread count, same
 data). steps/s is 1 / the median step after warm-up, from per-step timestamps (stylelora: its
@@ -286,8 +290,13 @@ def run_worker(job: dict) -> None:
 def spawn(job: dict, tmp: Path, verbose: bool) -> dict:
     job = {**job, "result": str(tmp / f"{job['name']}.json"), "tmp": str(tmp)}
     t0 = time.perf_counter()
+    # Huge pages for torch's allocator: on for the stylelora contenders (the `stylelora` command sets
+    # it, see stylelora.cli.process_defaults), off for the example as it ships, unless a row says so.
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    if job.get("thp"):
+        env["THP_MEM_ALLOC_ENABLE"] = "1"
     proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(job)],
-                          capture_output=not verbose, text=True)
+                          capture_output=not verbose, text=True, env=env)
     if proc.returncode != 0:
         tail = "\n".join(((proc.stdout or "") + (proc.stderr or "")).splitlines()[-40:])
         raise SystemExit(f"worker {job['name']} failed (exit {proc.returncode}):\n{tail}")
@@ -390,18 +399,21 @@ def main() -> None:
                      f"{floor:.0f} MB, paid by every contender.")
         contenders = [
             ("diffusers-example step (peer)", {"kind": "peer"}),
-            ("stylelora (defaults: cross-attn + TE LoRA)", {"kind": "stylelora", "train_text_encoder": True}),
-            ("stylelora, train_text_encoder=False", {"kind": "stylelora", "train_text_encoder": False}),
+            ("stylelora (defaults: cross-attn + TE LoRA)",
+             {"kind": "stylelora", "train_text_encoder": True, "thp": True}),
+            ("stylelora, train_text_encoder=False", {"kind": "stylelora", "train_text_encoder": False, "thp": True}),
+            # like for like: the example with the allocator setting the stylelora command makes
+            ("diffusers-example step, THP_MEM_ALLOC_ENABLE=1", {"kind": "peer", "thp": True}),
         ]
         # The peer's own LoRA targets (all attention, frozen text encoder): isolates the caching. Only
         # on the tiny base, where it is cheap; at SD1.5 scale the UNet pass dominates either way.
         same_targets = ("stylelora, targets=attn, train_text_encoder=False (peer's LoRA)",
-                        {"kind": "stylelora", "train_text_encoder": False, "targets": "attn"})
+                        {"kind": "stylelora", "train_text_encoder": False, "targets": "attn", "thp": True})
         # bf16 on both sides (frozen weights in bf16, as the example's --mixed_precision bf16): on a
         # CPU with AVX512-BF16 it is the precision a user would pick for an SD-size model.
         bf16 = [("diffusers-example step, --mixed_precision bf16", {"kind": "peer", "precision": "bf16"}),
                 ("stylelora defaults, mixed_precision=bf16", {"kind": "stylelora", "train_text_encoder": True,
-                                                             "precision": "bf16"})]
+                                                             "precision": "bf16", "thp": True})]
         for s in settings:
             if s["key"] == "sd15":
                 sizes = {f.parent.name: f.stat().st_size / 2**20 for f in Path(s["base"]).rglob("*.safetensors")}
@@ -436,9 +448,13 @@ def main() -> None:
                              "speed_ratio": r["steps_per_s"] / peer["steps_per_s"],
                              "rss_ratio": r["peak_rss_mb"] / peer["peak_rss_mb"], "is_peer": label == lineup[0][0],
                              "other_peer": extra["kind"] == "peer" and label != lineup[0][0]})
+            a, b = best[contenders[1][0]], best[contenders[3][0]]
+            notes.append(f"{s['label']}: against the example also run with THP_MEM_ALLOC_ENABLE=1, stylelora's "
+                         f"defaults = {a['steps_per_s'] / b['steps_per_s']:.2f}× steps/s, "
+                         f"{a['peak_rss_mb'] / b['peak_rss_mb']:.2f}× peak RSS.")
             if s["key"] == "sd15":  # like for like: stylelora bf16 against the example in bf16
                 a, b = best[bf16[1][0]], best[bf16[0][0]]
-                notes.append(f"{s['label']}: with bf16 on both sides, stylelora / example = "
+                notes.append(f"{s['label']}: with bf16 on both sides (the example without THP), stylelora / example = "
                              f"{a['steps_per_s'] / b['steps_per_s']:.2f}× steps/s, "
                              f"{a['peak_rss_mb'] / b['peak_rss_mb']:.2f}× peak RSS.")
             rounds = f"best of {s['rounds']} interleaved rounds" if s["rounds"] > 1 else "one round"

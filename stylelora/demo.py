@@ -9,7 +9,9 @@ import shutil
 import time
 from pathlib import Path
 
-os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # before transformers loads: see cli.main
+from .cli import process_defaults  # light: no torch
+
+process_defaults()  # before torch and transformers load, below
 
 from .base import load_base
 from .evaluate import evaluate, generate_images, heldout_scenes

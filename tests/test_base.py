@@ -1,5 +1,6 @@
 """Loading bases: the embedded model offline, diffusers folders, single-file checkpoints."""
 
+import os
 import subprocess
 import sys
 
@@ -112,3 +113,27 @@ def test_bad_base_specs_are_clear_errors(tmp_path):
         load_base(single)
     with pytest.raises(ValueError, match="not a diffusers pipeline folder"):
         load_base(tmp_path)
+
+
+def test_the_commands_huge_page_allocator_changes_no_pixel(tmp_path):
+    """`stylelora` sets THP_MEM_ALLOC_ENABLE=1 before torch loads (a speed setting of torch's CPU
+    allocator); a value the user exported wins, and the image is the same byte for byte either way."""
+    from unittest import mock
+
+    from stylelora.cli import process_defaults
+
+    with mock.patch.dict(os.environ, {"THP_MEM_ALLOC_ENABLE": "0"}):  # restores the environment after
+        process_defaults()
+        assert os.environ["THP_MEM_ALLOC_ENABLE"] == "0"
+        del os.environ["THP_MEM_ALLOC_ENABLE"]
+        process_defaults()
+        assert os.environ["THP_MEM_ALLOC_ENABLE"] == "1"
+
+    pngs = []
+    for value in ("1", "0"):
+        env = {**os.environ, "THP_MEM_ALLOC_ENABLE": value, "HF_HUB_OFFLINE": "1"}
+        out = tmp_path / f"thp{value}.png"
+        subprocess.run([sys.executable, "-m", "stylelora.cli", "generate", "a blue star on a white background",
+                        "--seed", "3", "--steps", "8", "--out", str(out)], env=env, check=True, capture_output=True)
+        pngs.append(out.read_bytes())
+    assert pngs[0] == pngs[1]
