@@ -26,11 +26,9 @@ import warnings
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-# As the `stylelora` command runs (stylelora.cli.process_defaults): huge pages for torch's CPU
-# allocator. Without it, page faults on fresh buffers dominate an SD-size call, and how many there are
-# depends on what the process allocated and freed before: the same plain call measured 4.8 s early
-# in the run and 2.8 s after diffusers' LoRA section, which made the diffusers column unreadable.
-os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+# Not on huge pages (THP_MEM_ALLOC_ENABLE, which the `stylelora` command sets): with them, base and
+# blended calls, the same work, differed by -3..+11% between runs here (page-fault compaction stalls);
+# without, by under 1%. Without them, the diffusers column is confounded instead: see the README.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
@@ -187,8 +185,8 @@ def main(argv=None) -> str:
     if args.smoke:
         notes.append("smoke run: narrow SD1.5-shaped model, timings mean nothing")
     elif (EMBEDDED_DIR / "model_index.json").is_file():
-        # 0.06 s a call: more rounds, so a scheduler hiccup of a few ms does not move the ratio
-        rows.append(bench("embedded shapes base (64 px)", load_base(), args.steps, 64, 5 * args.repeats))
+        # 0.06 s a call: many rounds, so hiccups of a few ms on a shared VM do not move the median
+        rows.append(bench("embedded shapes base (64 px)", load_base(), args.steps, 64, 20 * args.repeats))
     else:
         notes.append(f"embedded base skipped: {EMBEDDED_DIR} has no model_index.json yet")
     label = "SD1.5-shaped, narrow (smoke)" if args.smoke else f"SD1.5 UNet + CLIP-L, random ({args.size} px)"

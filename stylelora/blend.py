@@ -91,8 +91,9 @@ class Scale:
 @dataclass
 class _Loaded:
     adapter: Adapter
-    # key -> (B (out, r), A (r, in*kh*kw), alpha / r): float32 on the weight's device, ready to fuse
-    factors: dict[str, tuple[torch.Tensor, torch.Tensor, float]]
+    # key -> (B (out, r), A (r, in*kh*kw), alpha / r, bound): float32 on the weight's device, ready to
+    # fuse; bound = sum_k max|B[:, k]| * max|A[k, :]| >= max|B @ A|, so a scale change needs no scan
+    factors: dict[str, tuple[torch.Tensor, torch.Tensor, float, float]]
 
 
 Plan = dict[str, tuple[tuple[str, float], ...]]  # layer key -> ((adapter, scale * alpha / r), ...)
@@ -134,8 +135,9 @@ class AdapterStack:
                     self._w0[key] = mod.weight.detach().clone()
                     self._w0_absmax[key] = float(self._w0[key].abs().max())
                 w = self._modules[key].weight
-                factors[key] = (layer.up.flatten(1).to(w.device, torch.float32),
-                                layer.down.flatten(1).to(w.device, torch.float32), layer.scale)
+                up = layer.up.flatten(1).to(w.device, torch.float32)
+                down = layer.down.flatten(1).to(w.device, torch.float32)
+                factors[key] = (up, down, layer.scale, float((up.abs().amax(0) * down.abs().amax(1)).sum()))
             self._loaded[name] = _Loaded(adapter, factors)
             self.scales[name] = scale
             try:
@@ -223,7 +225,7 @@ class AdapterStack:
         plan: dict[str, list] = {}
         for name in self._loaded:  # load order, so equal scales always give equal plans
             if name in scales and scales[name].active:
-                for key, (_, _, alpha_over_r) in self._loaded[name].factors.items():
+                for key, (_, _, alpha_over_r, _) in self._loaded[name].factors.items():
                     if s := scales[name].of(key):
                         plan.setdefault(key, []).append((name, s * alpha_over_r))
         return {k: tuple(v) for k, v in plan.items()}
@@ -263,9 +265,9 @@ class AdapterStack:
             # passes of a temporary (add, copy, full finiteness scan) cost as much as the product.
             rows = weight.shape[0]
             torch.addmm(w0.view(rows, -1), up, down, out=weight.view(rows, -1))
-            # |delta| <= sum_k max|up[:, k]| * max|down[k, :]|: when that bound cannot overflow,
-            # skip scanning the whole layer for inf.
-            bound = float((up.abs().amax(0) * down.abs().amax(1)).sum()) + self._w0_absmax[key]
+            # |delta| <= sum over terms of |c| * (that adapter's bound, computed once in add()): when
+            # that cannot overflow, skip scanning the whole layer for inf.
+            bound = sum(abs(c) * self._loaded[n].factors[key][3] for n, c in terms) + self._w0_absmax[key]
             if not bound < 1e38 and not torch.isfinite(weight).all():
                 self._write(key, self._applied.get(key, ()))  # put the layer back as it was
                 raise overflow()
