@@ -537,8 +537,8 @@ def build_app(adapters_dir="adapters", base=None, **options) -> gr.Blocks:
                         rank = gr.Number(d.rank, label="rank", precision=0, minimum=1)
                         lr = gr.Number(d.lr, label="learning rate", minimum=0)
                     targets = gr.Radio(list(UNET_PRESETS), value=d.targets, label="LoRA on the UNet's",
-                                       info="cross-attn: the default; attn: for styles you will stack with others "
-                                            "(they combine better, see the README)", elem_id="train-targets")
+                                       info="cross-attn: the default; attn-ff: for styles you will stack with others "
+                                            "(measured to combine better, see the README)", elem_id="train-targets")
                     with gr.Row():
                         start = gr.Button("Start", variant="primary", elem_id="train-start")
                         stop = gr.Button("Stop", variant="stop")
