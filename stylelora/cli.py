@@ -211,8 +211,8 @@ def cmd_generate(args) -> None:
 
 
 def _add_config_flags(p: argparse.ArgumentParser, config_cls, skip=()) -> None:
-    """One --flag per dataclass field (type from the annotation, help from the default), with
-    default SUPPRESS so only flags the user typed override the TOML file and the defaults."""
+    """One --flag per dataclass field (type from the annotation, help from the field's metadata),
+    with default SUPPRESS so only flags the user typed override the TOML file and the defaults."""
     import dataclasses
     import typing
 
@@ -224,14 +224,16 @@ def _add_config_flags(p: argparse.ArgumentParser, config_cls, skip=()) -> None:
         kind = hints[f.name]
         args = typing.get_args(kind)
         base = next((a for a in args if a is not type(None)), kind) if args else kind
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        help_text = f.metadata.get("help", "")
+        if typing.get_origin(kind) is list or base is list:
+            p.add_argument(flag, action="append", default=argparse.SUPPRESS, help=help_text)
+            continue
+        if f.default is not None:  # an unset default is explained by the help text itself
+            help_text = f"{help_text} (default: {f.default})".strip()
         if base is bool:
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS,
-                           help=f"(default: {default})")
-        elif typing.get_origin(kind) is list or base is list:
-            p.add_argument(flag, action="append", default=argparse.SUPPRESS, help="repeatable")
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
         else:
-            p.add_argument(flag, type=base, default=argparse.SUPPRESS, help=f"(default: {default})")
+            p.add_argument(flag, type=base, default=argparse.SUPPRESS, help=help_text)
 
 
 def cmd_train(args) -> None:

@@ -42,65 +42,75 @@ SCHEDULES = ("constant", "linear", "cosine")
 PRECISIONS = ("no", "fp16", "bf16")
 
 
+def _opt(default, help: str):
+    """A TrainConfig field with its --help text (the CLI reads it from the field's metadata)."""
+    return field(default=default, metadata={"help": help})
+
+
 @dataclass
 class TrainConfig:
     """Everything a training run needs. CLI flags and TOML keys are generated from these fields."""
 
-    dataset: str = ""                 # folder of images + same-stem captions (or metadata.jsonl)
-    out: str = "adapter.safetensors"  # the adapter file; the run folder sits beside it
-    base: str | None = None           # None = the embedded base; a diffusers folder or .safetensors
-    base_config: str | None = None    # config folder for a single-file base
+    dataset: str = _opt("", "folder of images with same-stem captions (or a metadata.jsonl)")
+    out: str = _opt("adapter.safetensors", "the adapter file to write; the run folder sits beside it")
+    base: str | None = _opt(None, "base model: unset = the embedded base; a diffusers folder or a .safetensors file")
+    base_config: str | None = _opt(None, "a diffusers folder with the configs of a single-file --base")
     # data
-    caption_ext: str = ".txt"
-    trigger: str | None = None        # prepended to every caption (if not already there)
-    shuffle_captions: bool = False
-    keep_tokens: int = 0              # with shuffle: keep the first N comma-separated tags in place
+    caption_ext: str = _opt(".txt", "extension of the caption file next to each image")
+    trigger: str | None = _opt(None, "word(s) put first in every caption that lacks them; the adapter's trigger")
+    shuffle_captions: bool = _opt(False, "shuffle comma-separated caption tags every time (turns off the text cache)")
+    keep_tokens: int = _opt(0, "with --shuffle-captions: keep the first N tags in place")
     # Train on the empty caption this often: the adapter then also styles the unconditional branch
     # of classifier-free guidance, which otherwise pulls the style back out. Measured on the example
     # styles (README, bench/styles.py, at lr 1e-3): hit at 1.0 pastel 85 -> 100%, dots 89 -> 94%, stripes 78 -> 86%.
-    caption_dropout: float = 0.1
-    resolution: int | None = None     # None = the base's native size
-    bucket: bool = True
-    random_crop: bool = False
-    flip: bool = False
+    caption_dropout: float = _opt(0.1, "fraction of samples trained on the empty caption")
+    resolution: int | None = _opt(None, "training size in pixels (multiple of 8); unset = the base's native size")
+    bucket: bool = _opt(True, "aspect-ratio buckets for images of mixed shapes (off: square crops)")
+    random_crop: bool = _opt(False, "random instead of center crops (turns off the latent cache)")
+    flip: bool = _opt(False, "random horizontal flips (turns off the latent cache)")
     # LoRA
-    targets: str = "cross-attn"       # cross-attn | attn | attn-ff
-    rank: int = 4
-    alpha: float | None = None        # None = rank (scale 1)
-    lora_dropout: float = 0.0
-    train_text_encoder: bool = True
+    targets: str = _opt("cross-attn", "UNet layers that get LoRA: cross-attn | attn | attn-ff "
+                                      "(attn-ff for styles you will stack)")
+    rank: int = _opt(4, "LoRA rank")
+    alpha: float | None = _opt(None, "LoRA alpha; the update is scaled by alpha / rank; unset = rank (scale 1)")
+    lora_dropout: float = _opt(0.0, "dropout on the LoRA branch")
+    train_text_encoder: bool = _opt(True, "also put LoRA on the text encoder's q/k/v/out projections")
     # optimisation
-    steps: int = 1500
-    batch_size: int = 8
-    grad_accum: int = 1
-    lr: float = 2e-3                  # measured on the example styles: stripes 86 -> 90% hit at 1.0 (README)
-    te_lr: float | None = None        # None = lr / 2
-    optimizer: str = "adamw"
-    weight_decay: float = 1e-2
-    lr_schedule: str = "cosine"
-    warmup_steps: int = 50
-    max_grad_norm: float = 1.0
-    min_snr_gamma: float | None = 5.0  # None or 0 = plain MSE
+    steps: int = _opt(1500, "optimizer steps")
+    batch_size: int = _opt(8, "images per step (per process)")
+    grad_accum: int = _opt(1, "gradient accumulation: batches per optimizer step")
+    # measured on the example styles: stripes 86 -> 90% hit at 1.0 (README)
+    lr: float = _opt(2e-3, "learning rate of the UNet LoRA")
+    te_lr: float | None = _opt(None, "learning rate of the text-encoder LoRA; unset = lr / 2")
+    optimizer: str = _opt("adamw", "adamw | adamw8bit (needs bitsandbytes)")
+    weight_decay: float = _opt(1e-2, "AdamW weight decay")
+    lr_schedule: str = _opt("cosine", "constant | linear | cosine (after the warm-up)")
+    warmup_steps: int = _opt(50, "linear learning-rate warm-up steps")
+    max_grad_norm: float = _opt(1.0, "gradient clipping norm (0 = no clipping)")
+    min_snr_gamma: float | None = _opt(5.0, "min-SNR-gamma loss weighting; 0 = plain MSE")
     # Prior preservation without class images: each batch's captions with the trigger words
     # removed must give the frozen base's prediction, so the style stays behind its trigger and
     # classifier-free guidance amplifies it. Off by default: on the example technique styles it
     # over-amplifies at scale 1 (content breaks), and a step costs ~1.7x. See the README.
-    preserve_weight: float = 0.0      # 0 = off; kohya's prior_loss_weight plays this role
-    noise_offset: float = 0.0
-    mixed_precision: str = "no"
-    gradient_checkpointing: bool = False
-    cache: bool = True                # cache latents / text embeddings where that is exact
-    seed: int = 0
-    device: str = "auto"
+    preserve_weight: float = _opt(0.0, "weight of the prior-preservation term (kohya's prior_loss_weight); "
+                                       "0 = off; needs trigger words")
+    noise_offset: float = _opt(0.0, "noise offset (darker darks, brighter brights); 0.05-0.1 is typical")
+    mixed_precision: str = _opt("no", "no | fp16 | bf16: frozen weights in half precision, LoRA in float32")
+    gradient_checkpointing: bool = _opt(False, "recompute UNet activations in the backward pass: less memory, slower")
+    cache: bool = _opt(True, "cache latents / text embeddings where that is exact")
+    seed: int = _opt(0, "random seed (same seed, same data, same adapter)")
+    device: str = _opt("auto", "auto | cpu | cuda | mps (pick GPUs with CUDA_VISIBLE_DEVICES or accelerate launch)")
     # outputs
-    run_dir: str | None = None        # None = "<out without .safetensors>.run"
-    log_every: int = 10
-    sample_every: int = 500           # 0 = never
-    checkpoint_every: int = 500       # 0 = never
-    keep_checkpoints: int = 2
-    resume: str | None = None         # a checkpoint folder, or a run folder (latest checkpoint)
-    progress: bool = True
-    sample_prompts: list[str] = field(default_factory=list)  # empty = first captions of the dataset
+    run_dir: str | None = _opt(None, "folder for the loss log, samples and checkpoints; unset = OUT without "
+                                     ".safetensors + .run")
+    log_every: int = _opt(10, "steps between loss-log rows")
+    sample_every: int = _opt(500, "steps between sample grids (0 = never)")
+    checkpoint_every: int = _opt(500, "steps between checkpoints of the full training state (0 = never)")
+    keep_checkpoints: int = _opt(2, "checkpoints kept (older ones are deleted)")
+    resume: str | None = _opt(None, "continue from a checkpoint folder, or a run folder's latest checkpoint")
+    progress: bool = _opt(True, "show a progress bar")
+    sample_prompts: list[str] = field(default_factory=list, metadata={
+        "help": "a prompt for the sample grids (repeatable); none = the dataset's first captions"})
 
     def __post_init__(self) -> None:
         def need(ok: bool, msg: str) -> None:

@@ -56,6 +56,24 @@ def test_toml_unknown_keys_are_named(tmp_path):
     assert load_toml(tmp_path / "ok.toml") == {"rank": 8, "lr": 2e-3}
 
 
+def test_every_train_flag_has_help_with_its_default():
+    import dataclasses
+
+    from stylelora.cli import build_parser
+
+    train_parser = build_parser()._subparsers._group_actions[0].choices["train"]
+    by_dest = {a.dest: a for a in train_parser._actions}
+    for f in dataclasses.fields(TrainConfig):
+        if f.name == "dataset":  # the positional argument
+            continue
+        action = by_dest[f.name]
+        assert len(action.help) > 15, f"--{f.name} has no help text"
+        if f.default is not None and f.default is not dataclasses.MISSING:
+            assert action.help.endswith(f"(default: {f.default})"), action.help
+    assert "cross-attn | attn | attn-ff" in by_dest["targets"].help
+    assert by_dest["mixed_precision"].help.startswith("no | fp16 | bf16")
+
+
 def test_cli_flags_override_toml_and_errors_are_one_line(tmp_path, capsys):
     (tmp_path / "t.toml").write_text("rank = 0\n")
     assert main(["train", str(tmp_path), "--config", str(tmp_path / "t.toml")]) == 2
