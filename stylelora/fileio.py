@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import os
 import tempfile
+from glob import escape as glob_escape
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,10 +18,13 @@ PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin", ".pkl")
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; write it inside the block. On success it is flushed to
     disk and renamed over `path`; on any error it is deleted and `path` is left as it was.
-    The temporary name keeps the real suffix last, so PIL and friends infer the format from it."""
+    The temporary name keeps the real suffix last, so PIL and friends infer the format from it, and
+    holds the writer's pid, so a write killed mid-way (SIGKILL, power loss) is swept by the next one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=f".tmp{path.suffix}", dir=path.parent)
+    _sweep_orphans(path)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=f".tmp{path.suffix}",
+                                dir=path.parent)
     os.close(fd)
     tmp = Path(name)
     try:
@@ -33,6 +37,24 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             raise OSError(errno.ENOSPC, f"no space left on device while writing {path}: free some space "
                                         "and write it again (nothing was written under that name)") from e
         raise
+
+
+def _sweep_orphans(path: Path) -> None:
+    """Delete temporaries of `path` left by writers that no longer run (on this machine)."""
+    for tmp in path.parent.glob(f".{glob_escape(path.name)}.*.tmp{glob_escape(path.suffix)}"):
+        pid = tmp.name[len(path.name) + 2:].split(".", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):  # someone else's process, or no way to tell: keep its file
+        return True
+    return True
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:

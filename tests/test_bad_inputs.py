@@ -646,6 +646,31 @@ def test_atomic_path_leaves_the_old_file_or_the_new_one(tmp_path):
     assert Image.open(tmp_path / "b.png").format == "PNG"
 
 
+def test_a_write_killed_midway_is_swept_by_the_next_write(tmp_path):
+    import subprocess
+    import sys
+
+    from stylelora.fileio import write_text
+
+    target = tmp_path / "a.safetensors"
+    killed = subprocess.run([sys.executable, "-c", (
+        "import os, signal, sys\n"
+        "from stylelora.fileio import atomic_path\n"
+        "with atomic_path(sys.argv[1]) as tmp:\n"
+        "    tmp.write_bytes(b'half')\n"
+        "    os.kill(os.getpid(), signal.SIGKILL)\n"), str(target)])
+    assert killed.returncode == -signal.SIGKILL
+    orphans = [p.name for p in tmp_path.iterdir()]
+    assert len(orphans) == 1 and orphans[0].startswith(".a.safetensors.") and not target.exists()
+    live = tmp_path / f".a.safetensors.{os.getpid()}.x.tmp.safetensors"  # a writer still running
+    live.write_bytes(b"")
+    dead_pid = orphans[0].split(".")[3]
+    other = tmp_path / f".b.safetensors.{dead_pid}.x.tmp.safetensors"  # another file's: not this write's
+    other.write_bytes(b"")
+    write_text(target, "new")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([target.name, live.name, other.name])
+
+
 @pytest.mark.parametrize("argv, message", [
     (["generate", "x", "--out", "x.unknown"], r"--out x\.unknown: unknown image type '\.unknown'; use \.png"),
     (["world", "pretrain", "--out", "o", "--stages", "judge,unett"], r"unknown --stages unett: choose from"),
