@@ -24,6 +24,7 @@ Folder layout (searched recursively; names starting with "." are ignored):
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -463,6 +464,13 @@ class CaptionFolder(Dataset):
         """For adapter metadata: counts only, no local paths."""
         return {"n_images": len(self.items), "n_samples": len(self), "n_skipped": len(self.skipped),
                 "folders": len({PurePosixPath(it.rel).parent for it in self.items})}
+
+    def fingerprint(self) -> str:
+        """Short id of the data as found: names, repeats, captions, sizes in pixels and bytes."""
+        h = hashlib.sha256()
+        for it in self.items:
+            h.update(f"{it.rel}\t{it.repeats}\t{it.caption}\t{it.size}\t{it.path.stat().st_size}\n".encode())
+        return h.hexdigest()[:16]
 
     def caption_for_sampling(self, k: int) -> str:
         """Image k's caption with the trigger, never shuffled or dropped: a prompt for samples."""

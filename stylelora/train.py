@@ -77,14 +77,14 @@ class TrainConfig:
     train_text_encoder: bool = _opt(True, "also put LoRA on the text encoder's q/k/v/out projections")
     # optimisation
     steps: int = _opt(1500, "optimizer steps")
-    batch_size: int = _opt(8, "images per step (per process)")
+    batch_size: int = _opt(8, "images per micro-batch and process (a step sees batch_size x grad_accum x processes)")
     grad_accum: int = _opt(1, "gradient accumulation: batches per optimizer step")
     # measured on the example styles: stripes 86 -> 90% hit at 1.0 (README)
     lr: float = _opt(2e-3, "learning rate of the UNet LoRA")
     te_lr: float | None = _opt(None, "learning rate of the text-encoder LoRA; unset = lr / 2")
     optimizer: str = _opt("adamw", "adamw | adamw8bit (needs bitsandbytes)")
     weight_decay: float = _opt(1e-2, "AdamW weight decay")
-    lr_schedule: str = _opt("cosine", "constant | linear | cosine (after the warm-up)")
+    lr_schedule: str = _opt("cosine", "constant | linear | cosine decay over the whole run (times the warm-up ramp)")
     warmup_steps: int = _opt(50, "linear learning-rate warm-up steps")
     max_grad_norm: float = _opt(1.0, "gradient clipping norm (0 = no clipping)")
     min_snr_gamma: float | None = _opt(5.0, "min-SNR-gamma loss weighting; 0 = plain MSE")
@@ -118,6 +118,10 @@ class TrainConfig:
                 raise ValueError(msg)
 
         _check_types(self)
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            need(not isinstance(value, float) or math.isfinite(value),
+                 f"{f.name} must be a finite number, got {value}")
         need(self.rank > 0, f"rank must be a positive integer, got {self.rank}: try --rank 4")
         need(self.alpha is None or self.alpha > 0, f"alpha must be positive, got {self.alpha}")
         need(self.lr > 0, f"learning rate must be positive, got {self.lr}: try --lr 2e-3")
@@ -229,11 +233,14 @@ def _lr_factor(cfg: TrainConfig, step: int) -> float:
 
 
 def _snr_weights(alphas_cumprod: torch.Tensor, t: torch.Tensor, gamma: float, v_pred: bool) -> torch.Tensor:
-    """Min-SNR-gamma loss weights (Hang et al. 2023): min(SNR, gamma) / SNR, (+1 for v-prediction)."""
+    """Min-SNR-gamma loss weights (Hang et al. 2023): min(SNR, gamma) / SNR for epsilon, over
+    (SNR + 1) for v-prediction. Written so SNR = 0 (the last step of a zero-terminal-SNR schedule,
+    rescale_betas_zero_snr) gives the limits 1 and 0 instead of 0 / 0 = NaN."""
     a = alphas_cumprod[t]
     snr = a / (1 - a)
-    w = torch.clamp(snr, max=gamma) / snr
-    return w * snr / (snr + 1) if v_pred else w
+    if v_pred:
+        return torch.clamp(snr, max=gamma) / (snr + 1)
+    return torch.where(snr < gamma, torch.ones_like(snr), gamma / snr)
 
 
 def _atomic_save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata=None) -> None:
@@ -257,23 +264,33 @@ def _make_optimizer(cfg: TrainConfig, groups):
 # ----------------------------------------------------------------------------- checkpoints
 
 def save_checkpoint(run: Path, step: int, named_params: dict[str, torch.nn.Parameter], optimizer,
-                    cfg: TrainConfig) -> Path:
-    """Full training state at `step` into run/checkpoints/step-N, written beside and renamed."""
+                    cfg: TrainConfig, *, scaler=None, identity: dict | None = None) -> Path:
+    """Full training state at `step` into run/checkpoints/step-N, written beside and renamed:
+    LoRA weights, optimizer state (tensors in safetensors; plain numbers, such as bitsandbytes'
+    step count, in state.json), fp16's gradient-scaler state, and `identity` (what a resume must
+    match: process count, base and dataset fingerprints)."""
     final = run / "checkpoints" / f"step-{step:06d}"
     tmp = final.with_name(final.name + ".tmp")
     index = {id(p): n for n, p in named_params.items()}
-    moments = {}
+    moments, numbers = {}, {}
     for group in optimizer.param_groups:
         for p in group["params"]:
             for k, v in optimizer.state.get(p, {}).items():
                 if torch.is_tensor(v):
                     moments[f"{index[id(p)]}::{k}"] = v
+                elif isinstance(v, (int, float, bool)):
+                    numbers[f"{index[id(p)]}::{k}"] = v
+                else:
+                    raise TypeError(f"optimizer state {k!r} of type {type(v).__name__} cannot be checkpointed")
+    state = {"step": step, "config": cfg.summary(), "optimizer_numbers": numbers, "identity": identity or {}}
+    if scaler is not None:
+        state["grad_scaler"] = scaler.state_dict()
     try:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         _atomic_save_tensors(dict(named_params), tmp / "lora.safetensors")
         _atomic_save_tensors(moments, tmp / "optimizer.safetensors")
-        (tmp / "state.json").write_text(json.dumps({"step": step, "config": cfg.summary()}, indent=2))
+        (tmp / "state.json").write_text(json.dumps(state, indent=2))
         fsync(tmp / "state.json")
     except OSError as e:  # e.g. a full disk: keep the last good checkpoint, say which one it is
         shutil.rmtree(tmp, ignore_errors=True)
@@ -322,7 +339,17 @@ RESUME_MAY_CHANGE = {"steps", "log_every", "sample_every", "checkpoint_every", "
                      "dataset", "base"}
 
 
-def load_checkpoint(ckpt: Path, named_params, optimizer, cfg: TrainConfig | None = None) -> int:
+IDENTITY_HINTS = {
+    "processes": "resume with the same number of processes (accelerate launch --num_processes N): each "
+                 "process's share of every batch depends on it",
+    "base_fingerprint": "resume with the base the checkpoint was trained on",
+    "dataset_fingerprint": "the images or captions changed since the checkpoint: resume with the same data, "
+                           "or start a new run (another --out)",
+}
+
+
+def load_checkpoint(ckpt: Path, named_params, optimizer, cfg: TrainConfig | None = None, *, scaler=None,
+                    identity: dict | None = None) -> int:
     from safetensors.torch import load_file
 
     try:
@@ -340,6 +367,10 @@ def load_checkpoint(ckpt: Path, named_params, optimizer, cfg: TrainConfig | None
             raise ValueError(f"checkpoint {ckpt} was trained with different settings: "
                              + ", ".join(f"{k}={saved[k]!r} there, {now[k]!r} here" for k in differ)
                              + ". Resume with the checkpoint's settings, or start a new run (another --out).")
+    then = state.get("identity", {})  # absent in checkpoints written before it was recorded
+    for k, v in (identity or {}).items():
+        if k in then and then[k] != v:
+            raise ValueError(f"checkpoint {ckpt} has {k} {then[k]!r}, this run {v!r}: {IDENTITY_HINTS[k]}")
     missing = set(named_params) - set(weights)
     wrong = [n for n in named_params if n in weights and weights[n].shape != named_params[n].shape]
     if missing or wrong:
@@ -350,10 +381,13 @@ def load_checkpoint(ckpt: Path, named_params, optimizer, cfg: TrainConfig | None
     with torch.no_grad():
         for n, p in named_params.items():
             p.copy_(weights[n])
+    numbers = state.get("optimizer_numbers", {})
     for n, p in named_params.items():
-        state = {k.split("::", 1)[1]: v for k, v in moments.items() if k.split("::", 1)[0] == n}
-        if state:
-            optimizer.state[p] = state
+        own = {k.split("::", 1)[1]: v for k, v in [*moments.items(), *numbers.items()] if k.split("::", 1)[0] == n}
+        if own:
+            optimizer.state[p] = own
+    if scaler is not None and "grad_scaler" in state:
+        scaler.load_state_dict(state["grad_scaler"])
     return step
 
 
@@ -436,19 +470,33 @@ def train(cfg: TrainConfig, *, on_log: Callable[[dict], None] | None = None,
 
     run = cfg.run_path
     start = 0
-    old = sorted((run / "checkpoints").glob("step-*")) if ckpt is None else []
-    if old and accel.is_main_process:  # a new run owns its folder: --resume must never find these
-        for folder in old:
+    # What a resume must match beyond the settings: checkpoints record it.
+    identity = {"processes": accel.num_processes, "base_fingerprint": base_fingerprint,
+                "dataset_fingerprint": data.fingerprint()}
+    scaler = getattr(accel, "scaler", None)  # fp16's GradScaler; None otherwise
+    if ckpt is not None:
+        start = load_checkpoint(ckpt, named, optimizer, cfg, scaler=scaler, identity=identity)
+    if accel.is_main_process:
+        # The run folder holds this run's states only, so a later `--resume RUN` continues this run:
+        # a new run removes every checkpoint there; a resume removes those it does not continue
+        # (later steps of an abandoned branch, or all of them when resuming from another folder).
+        ours = ckpt is not None and ckpt.parent.resolve() == (run / "checkpoints").resolve()
+        stale = [f for f in sorted((run / "checkpoints").glob("step-*"))
+                 if not (ours and f.name[5:].isdigit() and int(f.name[5:]) <= start)]
+        for folder in stale:
             if folder.name[5:].isdigit():
                 _discard(folder)
             else:  # .tmp / .deleting leftovers
                 shutil.rmtree(folder, ignore_errors=True)
-        print(f"new run in {run}: removed {len(old)} checkpoint(s) of an earlier run there")
-    accel.wait_for_everyone()
-    if ckpt is not None:
-        start = load_checkpoint(ckpt, named, optimizer, cfg)
-        if accel.is_main_process:
+        for grid in (run / "samples").glob("step-*.png"):  # grids of steps this run will (re)draw
+            if not grid.stem[5:].isdigit() or int(grid.stem[5:]) > start:
+                grid.unlink(missing_ok=True)
+        if stale:
+            print(f"{'new run' if ckpt is None else 'resume'} in {run}: removed {len(stale)} checkpoint(s) "
+                  f"{'of an earlier run' if ckpt is None else 'this run does not continue from'}")
+        if ckpt is not None:
             print(f"resumed from {ckpt} at step {start}")
+    accel.wait_for_everyone()
 
     # Caches: exact only when nothing random touches pixels / captions / the text encoder.
     cache_latents = cfg.cache and data.deterministic_pixels
@@ -487,6 +535,7 @@ def train(cfg: TrainConfig, *, on_log: Callable[[dict], None] | None = None,
     # The frozen base text encoder's embeddings never change: one cache serves the run (the same
     # dict as text_cache when the text encoder is not trained, so no caption is encoded twice).
     base_text_cache = text_cache if not t_targets else {}
+    cache_base_text = cfg.cache and data.cacheable_captions  # else every caption would stay in memory
 
     def neutral(caption: str) -> str:
         return ", ".join(t for t in split_tags(caption) if t not in triggers)
@@ -583,7 +632,7 @@ def train(cfg: TrainConfig, *, on_log: Callable[[dict], None] | None = None,
             if cfg.preserve_weight:
                 # One forward over [styled captions; neutral captions] on the same noisy latents.
                 plain = [neutral(c) for c in captions]
-                base_cond = cached_text(plain, base_text_cache, base=True)
+                base_cond = cached_text(plain, base_text_cache if cache_base_text else {}, base=True)
                 base_pred = base_prediction(noisy, t, base_cond)
                 plain_cond = encode_text(plain, grad=True) if t_targets else base_cond
                 noisy, t = torch.cat([noisy, noisy]), torch.cat([t, t])
@@ -606,6 +655,11 @@ def train(cfg: TrainConfig, *, on_log: Callable[[dict], None] | None = None,
         if done % cfg.log_every == 0 or done == cfg.steps:
             mean = accel.reduce(torch.tensor(sum(recent) / len(recent), device=dev), "mean").item()
             recent = []
+            if not math.isfinite(mean):  # every process sees the same reduced value, so all stop
+                last = sorted((run / "checkpoints").glob("step-??????"))
+                raise ValueError(f"the loss is {mean} at step {done}: training diverged. Lower the learning rate "
+                                 f"(--lr {cfg.lr:g} now; try {cfg.lr / 4:g})" + (
+                                     f"; the last checkpoint before it is {last[-1]}" if last else ""))
             if accel.is_main_process:
                 lr_now = optimizer.param_groups[0]["lr"]
                 log_rows.append((done, mean, lr_now))
@@ -618,7 +672,7 @@ def train(cfg: TrainConfig, *, on_log: Callable[[dict], None] | None = None,
         if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.steps:
             accel.wait_for_everyone()
             if accel.is_main_process:
-                save_checkpoint(run, done, named, optimizer, cfg)
+                save_checkpoint(run, done, named, optimizer, cfg, scaler=scaler, identity=identity)
         if accel.is_main_process and cfg.sample_every and (done % cfg.sample_every == 0 or done == cfg.steps):
             sample_path = run / "samples" / f"step-{done:06d}.png"
             _save_samples(pipe, accel, unet, te, prompts, sample_path)
@@ -666,4 +720,5 @@ def _save_samples(pipe, accel, unet, te, prompts: list[str], path: Path) -> None
     pipe.unet.eval(), pipe.text_encoder.eval()
     with accel.autocast():  # frozen weights may be half precision, the LoRA weights float32
         images = generate_images(pipe, prompts, list(range(len(prompts))))
-    image_grid([images]).save(path)
+    with atomic_path(path) as tmp:
+        image_grid([images]).save(tmp)

@@ -27,6 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
     ({"out": "adapter.pt"}, "out must end in .safetensors"),
     ({"caption_dropout": 1.5}, "caption_dropout must be in"),
     ({"min_snr_gamma": -1.0}, r"min_snr_gamma must be >= 0 \(0 = off"),
+    ({"lr": float("inf")}, "lr must be a finite number, got inf"),
+    ({"noise_offset": float("nan")}, "noise_offset must be a finite number, got nan"),
 ])
 def test_config_rejects_bad_values(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -267,6 +269,114 @@ def test_a_new_run_into_an_old_run_folder_clears_its_checkpoints(tiny_base, styl
     train(_cfg(tiny_base, style_folder, tmp_path / "a.safetensors", steps=2, rank=4))
     assert "removed 1 checkpoint(s) of an earlier run" in capsys.readouterr().out
     assert list((tmp_path / "a.run" / "checkpoints").iterdir()) == []  # --resume can no longer find the old run
+
+
+def test_resume_from_another_folder_or_an_earlier_step_drops_the_checkpoints_it_abandons(
+        tiny_base, style_folder, tmp_path, capsys):
+    a_ckpts = tmp_path / "a.run" / "checkpoints"
+    samples = tmp_path / "a.run" / "samples"
+    train(_cfg(tiny_base, style_folder, tmp_path / "a.safetensors", steps=8, checkpoint_every=2, keep_checkpoints=3,
+               sample_every=4))
+    assert [p.name for p in sorted(a_ckpts.iterdir())] == ["step-000002", "step-000004", "step-000006"]
+    assert sorted(p.name for p in samples.iterdir()) == ["step-000004.png", "step-000008.png"]
+    # Back to step 2 of the same run, with a different length: 4 and 6 belong to the abandoned branch,
+    # and so do its sample grids after step 2.
+    train(_cfg(tiny_base, style_folder, tmp_path / "a.safetensors", steps=5, checkpoint_every=2,
+               keep_checkpoints=3, sample_every=4, resume=str(a_ckpts / "step-000002")))
+    assert "removed 2 checkpoint(s) this run does not continue from" in capsys.readouterr().out
+    assert [p.name for p in sorted(a_ckpts.iterdir())] == ["step-000002", "step-000004"]
+    assert sorted(p.name for p in samples.iterdir()) == ["step-000004.png", "step-000005.png"]
+    # From another run's checkpoint into this folder: none of this folder's states may survive.
+    train(_cfg(tiny_base, style_folder, tmp_path / "b.safetensors", steps=2, checkpoint_every=1))
+    train(_cfg(tiny_base, style_folder, tmp_path / "a.safetensors", steps=3,
+               resume=str(tmp_path / "b.run" / "checkpoints" / "step-000001")))
+    assert list(a_ckpts.iterdir()) == []
+
+
+def test_resume_refuses_other_data_or_process_count_and_restores_plain_number_optimizer_state(
+        tiny_base, style_folder, tmp_path):
+    import shutil
+
+    import stylelora.train as T
+
+    train(_cfg(tiny_base, style_folder, tmp_path / "a.safetensors", steps=4, checkpoint_every=2))
+    ckpt = tmp_path / "a.run" / "checkpoints" / "step-000002"
+    state = json.loads((ckpt / "state.json").read_text())
+    assert state["identity"]["processes"] == 1 and len(state["identity"]["dataset_fingerprint"]) == 16
+    edited = tmp_path / "edited"
+    shutil.copytree(style_folder, edited)
+    (edited / "000.txt").write_text("a different caption")
+    with pytest.raises(ValueError, match=r"dataset_fingerprint .* the images or captions changed"):
+        train(_cfg(tiny_base, edited, tmp_path / "a.safetensors", steps=4, resume=str(ckpt)))
+    state["identity"]["processes"] = 2
+    (ckpt / "state.json").write_text(json.dumps(state))
+    with pytest.raises(ValueError, match=r"has processes 2, this run 1: resume with the same number of processes"):
+        train(_cfg(tiny_base, style_folder, tmp_path / "a.safetensors", steps=4, resume=str(ckpt)))
+
+    # bitsandbytes keeps its step count as a plain int: it must come back, next to the tensors.
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.AdamW([p])
+    p.grad = torch.ones(3)
+    opt.step()
+    opt.state[p]["step_int"] = 7
+    cfg = _cfg(tiny_base, style_folder, tmp_path / "c.safetensors")
+    scaler = torch.amp.GradScaler("cpu", init_scale=512.0)
+    saved = T.save_checkpoint(tmp_path / "c.run", 5, {"w": p}, opt, cfg, scaler=scaler)
+    q = torch.nn.Parameter(torch.zeros(3))
+    opt2 = torch.optim.AdamW([q])
+    scaler2 = torch.amp.GradScaler("cpu", init_scale=2.0)
+    assert T.load_checkpoint(saved, {"w": q}, opt2, cfg, scaler=scaler2) == 5
+    assert opt2.state[q]["step_int"] == 7 and torch.equal(opt2.state[q]["exp_avg"], opt.state[p]["exp_avg"])
+    assert scaler2.get_scale() == 512.0
+
+
+def test_min_snr_weights_are_the_formula_and_finite_at_zero_terminal_snr():
+    from diffusers import DDPMScheduler
+
+    import stylelora.train as T
+
+    sched = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
+                          rescale_betas_zero_snr=True)
+    t = torch.tensor([0, 300, 700, 999])
+    a = sched.alphas_cumprod[t].double()
+    snr = (a / (1 - a)).tolist()
+    assert snr[0] > 5 > snr[2] and snr[-1] == 0.0
+    eps = T._snr_weights(sched.alphas_cumprod, t, 5.0, False).tolist()
+    v = T._snr_weights(sched.alphas_cumprod, t, 5.0, True).tolist()
+    assert eps == pytest.approx([5 / snr[0], 5 / snr[1] if snr[1] > 5 else 1.0, 1.0, 1.0], rel=1e-5)
+    assert v == pytest.approx([min(x, 5) / (x + 1) for x in snr], rel=1e-5) and v[-1] == 0.0
+
+
+def test_v_prediction_base_trains_against_the_velocity(tiny_base, style_folder, tmp_path, monkeypatch):
+    """The target comes from the base's scheduler: an SD2-style base (v-prediction, zero-terminal
+    SNR) trains against get_velocity, to a finite adapter that differs from the epsilon one."""
+    import shutil
+
+    from diffusers import DDPMScheduler
+
+    vbase = tmp_path / "vbase"
+    shutil.copytree(tiny_base, vbase)
+    conf = json.loads((vbase / "scheduler" / "scheduler_config.json").read_text())
+    conf.update(prediction_type="v_prediction", rescale_betas_zero_snr=True)
+    (vbase / "scheduler" / "scheduler_config.json").write_text(json.dumps(conf))
+    calls = []
+    real = DDPMScheduler.get_velocity
+    monkeypatch.setattr(DDPMScheduler, "get_velocity", lambda self, *a: calls.append(1) or real(self, *a))
+    v_out = train(_cfg(tiny_base, style_folder, tmp_path / "v.safetensors", steps=4, base=str(vbase)))
+    assert len(calls) == 4
+    eps_out = train(_cfg(tiny_base, style_folder, tmp_path / "e.safetensors", steps=4))
+    assert len(calls) == 4  # the epsilon base never asks for the velocity
+    v, e = _weights(v_out), _weights(eps_out)
+    assert all(torch.isfinite(x).all() for x in v.values())
+    assert max((v[k] - e[k]).abs().max().item() for k in v) > 1e-4
+
+
+def test_a_diverging_run_stops_at_the_first_bad_loss_and_names_the_fix(tiny_base, style_folder, tmp_path):
+    with pytest.raises(ValueError, match=r"the loss is (nan|inf) at step \d+: training diverged. Lower the "
+                                         r"learning rate \(--lr 1e\+30 now"):
+        train(_cfg(tiny_base, style_folder, tmp_path / "a.safetensors", steps=12, lr=1e30, max_grad_norm=0.0,
+                   log_every=1))
+    assert not (tmp_path / "a.safetensors").exists()
 
 
 def test_the_adapter_is_written_even_when_the_loss_plot_fails(tiny_base, style_folder, tmp_path, monkeypatch, capsys):
