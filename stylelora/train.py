@@ -238,9 +238,10 @@ def _snr_weights(alphas_cumprod: torch.Tensor, t: torch.Tensor, gamma: float, v_
     rescale_betas_zero_snr) gives the limits 1 and 0 instead of 0 / 0 = NaN."""
     a = alphas_cumprod[t]
     snr = a / (1 - a)
+    w = torch.clamp(snr, max=gamma) / snr
     if v_pred:
-        return torch.clamp(snr, max=gamma) / (snr + 1)
-    return torch.where(snr < gamma, torch.ones_like(snr), gamma / snr)
+        w = w * snr / (snr + 1)
+    return torch.where(snr > 0, w, torch.zeros_like(w) if v_pred else torch.ones_like(w))
 
 
 def _atomic_save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata=None) -> None:
