@@ -62,6 +62,9 @@ class LoraLayer:
         if self.down.ndim not in (2, 4) or self.up.ndim != self.down.ndim or self.up.shape[1] != self.down.shape[0]:
             raise ValueError(f"LoRA down {tuple(self.down.shape)} and up {tuple(self.up.shape)} do not pair: "
                              "need down (rank, in) and up (out, rank)")
+        if self.down.shape[0] < 1 or 0 in self.up.shape or 0 in self.down.shape:
+            raise ValueError(f"LoRA down {tuple(self.down.shape)} and up {tuple(self.up.shape)} are empty: "
+                             "rank and sizes must be at least 1")
         self.alpha = float(self.alpha)
 
     @property
@@ -370,6 +373,10 @@ def _from_diffusers(path: Path, tensors: dict[str, torch.Tensor], metadata: dict
     layers = {}
     for comp, sd in _split_components(path, tensors).items():
         config = {k.removeprefix(comp + "."): v for k, v in lora_meta.items() if k.startswith(comp + ".")}
+        if comp == "text_encoder" and isinstance(config.get("alpha_pattern"), dict):
+            # Module names lose CLIP's `text_model.` level below (files differ in having it); PEFT's
+            # patterns match name suffixes, so patterns must lose it too or they never match.
+            config["alpha_pattern"] = {k.removeprefix("text_model."): v for k, v in config["alpha_pattern"].items()}
         number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
         for name, ok in (("lora_alpha", number),
                          ("alpha_pattern", lambda v: isinstance(v, dict) and all(map(number, v.values())))):

@@ -126,14 +126,13 @@ class AdapterStack:
         check_fits(adapter, self.pipe)
         scale = Scale.parse(scale)
         with self.lock:
-            if name in self._loaded:
+            order = list(self._loaded)
+            previous = (self._loaded[name], self.scales[name]) if name in self._loaded else None
+            if previous is not None:  # a replacement: the old one comes back if the new one fails
                 self._remove(name)
             factors = {}
             for key, layer in adapter.layers.items():
-                if key not in self._modules:
-                    self._modules[key] = mod = resolve_module(self.pipe, key)
-                    self._w0[key] = mod.weight.detach().clone()
-                    self._w0_absmax[key] = float(self._w0[key].abs().max())
+                self._track(key)
                 w = self._modules[key].weight
                 up = layer.up.flatten(1).to(w.device, torch.float32)
                 down = layer.down.flatten(1).to(w.device, torch.float32)
@@ -144,8 +143,22 @@ class AdapterStack:
                 self._apply(self._plan(self.scales))
             except BaseException:
                 self._remove(name)  # the weights are as before; forget the adapter and its W0 copies
+                if previous is not None:  # in its old place in the load order: the same sums, bit for bit
+                    for key in previous[0].factors:
+                        self._track(key)  # its layers are at W0 again, so this copies W0 exactly
+                    self._loaded[name], self.scales[name] = previous
+                    self._loaded = {n: self._loaded[n] for n in order}
+                    self.scales = {n: self.scales[n] for n in order if n in self.scales}
+                    self._apply(self._plan(self.scales))
                 raise
         return adapter
+
+    def _track(self, key: str) -> None:
+        """Keep a W0 copy of a layer some adapter targets (once)."""
+        if key not in self._modules:
+            self._modules[key] = mod = resolve_module(self.pipe, key)
+            self._w0[key] = mod.weight.detach().clone()
+            self._w0_absmax[key] = float(self._w0[key].abs().max())
 
     def remove(self, name: str) -> None:
         with self.lock:
@@ -280,8 +293,10 @@ class AdapterStack:
 
     def _compose(self, mode, active, call, prompt, negative, guidance, switch_every, kwargs):
         """switch: one adapter per UNet call, rotating every `switch_every` steps. composite: every
-        adapter's prediction each step, weighted by UNet scales / their sum; the pipeline's CFG is
-        linear, so this equals weighting the guided predictions. The text encoder is run once per
+        adapter's prediction each step, averaged with equal weights (as in Zhong et al.): each adapter's
+        scale already sets its strength inside its own branch, so weighting by the scales again would
+        count them twice (and break on negative scales). The pipeline's CFG is linear, so this equals
+        averaging the guided predictions. The text encoder is run once per
         adapter with that adapter alone fused, and each UNet call gets its adapter's embeddings."""
         pipe, unet = self.pipe, self.pipe.unet
         plans = {n: self._plan({n: call[n]}) for n in active}
@@ -291,9 +306,6 @@ class AdapterStack:
             self._apply(plans[n], prefix="text_encoder.")
             pos, neg = pipe.encode_prompt(prompt, pipe._execution_device, 1, cfg, negative)
             embeds[n] = (pos, neg)
-        total = sum(call[n].unet for n in active)
-        if mode == "composite" and total == 0:
-            raise ValueError("composite mode weights adapters by their UNet scales, which sum to 0 here")
         forward, calls = unet.forward, itertools.count()
 
         def hooked(sample, timestep, encoder_hidden_states=None, *args, **kw):
@@ -304,8 +316,8 @@ class AdapterStack:
                 self._apply(plans[n], prefix="unet.")
                 pos, neg = embeds[n]
                 eps = forward(sample, timestep, torch.cat([neg, pos]) if cfg else pos, *args, **kw)[0]
-                if mode == "composite":  # a lone adapter is weighted 1.0 exactly: merge, bit for bit
-                    eps = eps * (call[n].unet / total)
+                if mode == "composite" and len(chosen) > 1:  # a lone adapter: merge, bit for bit
+                    eps = eps / len(chosen)
                 out = eps if out is None else out + eps
             return (out,)
 
@@ -335,6 +347,12 @@ def merge_adapters(items: list[tuple[Adapter, Any]], rank: int | None = None) ->
         if not pairs:
             continue
         first: LoraLayer = pairs[0][0]
+        if bad := [(ad, ad.layers[key]) for ad, _ in items
+                   if key in ad.layers and ad.layers[key].shape != first.shape]:
+            named = [ad for ad, _ in items if key in ad.layers]
+            raise ValueError(f"cannot merge {key}: it is {first.shape} in {named[0].path or 'the first adapter'} "
+                             f"but {bad[0][1].shape} in {bad[0][0].path or 'another'}: the adapters were trained "
+                             "on bases of different architectures (merge adapters of one base only)")
         b = torch.cat([lay.up.flatten(1).double() * (s * lay.scale) for lay, s in pairs], 1)  # (out, R)
         a = torch.cat([lay.down.flatten(1).double() for lay, _ in pairs], 0)  # (R, in)
         qb, rb = torch.linalg.qr(b)
@@ -382,7 +400,7 @@ def parse_prompt_loras(prompt: str, adapters_dir: str | Path = "adapters") -> tu
                              f"with NAME a file stem in {adapters_dir} (e.g. <lora:pastel:0.8>)")
         path = Path(adapters_dir) / f"{name}.safetensors"
         if not path.is_file():
-            have = sorted(p.stem for p in Path(adapters_dir).glob("*.safetensors"))
+            have = sorted(p.stem for p in Path(adapters_dir).glob("*.safetensors") if not p.name.startswith("."))
             raise FileNotFoundError(f"<lora:{body}>: no {path} (adapters in {adapters_dir}: "
                                     f"{', '.join(have) or 'none'}); pass --adapters-dir DIR")
         found.append((path, value))

@@ -30,6 +30,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     try:
         yield tmp
         fsync(tmp)
+        # mkstemp makes the file owner-only (0600); give it the mode a plain open() would have, or
+        # the replaced file's, so other users and programs (a ComfyUI service, say) can still read it.
+        os.chmod(tmp, _mode_of(path))
         os.replace(tmp, path)
     except BaseException as e:
         tmp.unlink(missing_ok=True)
@@ -37,6 +40,22 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             raise OSError(errno.ENOSPC, f"no space left on device while writing {path}: free some space "
                                         "and write it again (nothing was written under that name)") from e
         raise
+
+
+def _mode_of(path: Path) -> int:
+    try:
+        return path.stat().st_mode & 0o7777
+    except FileNotFoundError:
+        return 0o666 & ~_umask()
+
+
+def _umask() -> int:
+    """The process umask, read without changing it (os.umask can only set it: racy in threads)."""
+    try:
+        line = next(l for l in Path("/proc/self/status").read_text().splitlines() if l.startswith("Umask:"))
+        return int(line.split()[1], 8)
+    except (OSError, StopIteration, ValueError, IndexError):
+        return 0o022
 
 
 def _sweep_orphans(path: Path) -> None:

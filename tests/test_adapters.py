@@ -219,6 +219,36 @@ def test_older_diffusers_key_variants(pipe, tmp_path):
     assert sorted(load_adapter(tmp_path / "flat.safetensors").layers) == sorted([q, te_q])
 
 
+def test_text_encoder_alpha_pattern_matches_with_or_without_clips_text_model_level(pipe, tmp_path):
+    """diffusers copies mixed text-encoder ranks into alpha_pattern; older files name the modules (and
+    so the patterns) with CLIP's `text_model.` level, newer ones without it: any mix must resolve."""
+    g = torch.Generator().manual_seed(0)
+    te0, te1 = TE_KEYS[0], "text_encoder.encoder.layers.1.self_attn.q_proj"
+    out, inp = shape_of(pipe, te0)
+    for file_level in ("text_model.", ""):
+        for pattern_level in ("text_model.", ""):
+            t = {}
+            for key in (te0, te1):
+                module = key.removeprefix("text_encoder.")
+                t[f"text_encoder.{file_level}{module}.lora_A.weight"] = torch.randn(2, inp, generator=g)
+                t[f"text_encoder.{file_level}{module}.lora_B.weight"] = torch.randn(out, 2, generator=g)
+            meta = {"text_encoder.lora_alpha": 2, "text_encoder.r": 2,
+                    "text_encoder.alpha_pattern": {f"{pattern_level}{te0.removeprefix('text_encoder.')}": 6}}
+            path = tmp_path / f"{file_level or 'flat'}_{pattern_level or 'flat'}.safetensors"
+            save_file(t, path, metadata={"format": "pt", A.DIFFUSERS_META_KEY: json.dumps(meta)})
+            ad = load_adapter(path)
+            assert (ad.layers[te0].alpha, ad.layers[te1].alpha) == (6.0, 2.0), path.name
+
+
+def test_empty_lora_tensors_are_one_error_naming_the_layer(pipe, tmp_path):
+    key = UNET_KEYS[0]
+    out, inp = shape_of(pipe, key)
+    save_file({f"{key}.lora_A.weight": torch.zeros(0, inp), f"{key}.lora_B.weight": torch.zeros(out, 0)},
+              tmp_path / "empty.safetensors")
+    with pytest.raises(ValueError, match=r"empty.safetensors: layer .* are empty: rank and sizes must be at least 1"):
+        load_adapter(tmp_path / "empty.safetensors")
+
+
 def test_kohya_export_round_trip_and_diffusers_reads_it(pipe, tmp_path):
     ad = make_adapter(pipe, alpha=2.0, alphas={UNET_KEYS[0]: 5.0, TE_KEYS[1]: 1.0}, ranks={UNET_KEYS[3]: 3})
     path = export_kohya(ad, tmp_path / "k.safetensors")

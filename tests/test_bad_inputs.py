@@ -644,6 +644,17 @@ def test_atomic_path_leaves_the_old_file_or_the_new_one(tmp_path):
         assert tmp.suffix == ".png" and tmp.parent == tmp_path
         Image.new("RGB", (4, 4)).save(tmp)
     assert Image.open(tmp_path / "b.png").format == "PNG"
+    # Modes: a new file gets what open() would give it (not mkstemp's 0600), a rewritten one keeps its own.
+    from stylelora.fileio import _umask
+
+    old_mask = os.umask(0o027)
+    try:
+        assert _umask() == 0o027
+        assert write_text(tmp_path / "new.txt", "x").stat().st_mode & 0o777 == 0o640
+    finally:
+        os.umask(old_mask)
+    os.chmod(target, 0o604)
+    assert write_text(target, "newer\n").stat().st_mode & 0o777 == 0o604
 
 
 def test_a_write_killed_midway_is_swept_by_the_next_write(tmp_path):

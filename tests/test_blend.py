@@ -164,7 +164,7 @@ def test_only_changed_layers_are_rewritten_and_inactive_adapters_cost_nothing(st
 
 def test_switch_and_composite(stack, adapters):
     stack.add("pastel", adapters["pastel"], 0.7)
-    merge = stack.generate(PROMPT, **GEN)
+    merge = merge_alone = stack.generate(PROMPT, **GEN)
     for mode in ("switch", "composite"):  # one adapter: the merge result
         assert np.abs(stack.generate(PROMPT, mode=mode, **GEN) - merge).max() <= 1e-4
     stack.add("ink", adapters["ink"], 0.5)
@@ -176,6 +176,13 @@ def test_switch_and_composite(stack, adapters):
     assert np.array_equal(stack.generate(PROMPT, mode="switch", **GEN), switch)
     assert np.array_equal(stack.generate(PROMPT, mode="composite", **GEN), composite)
     assert np.abs(stack.generate(PROMPT, mode="switch", switch_every=2, **GEN) - switch).max() > 0.01
+    # composite averages the branches equally: a near-zero second adapter halves the first one's
+    # pull (weights by scale would leave the merge image), and opposite scales are fine.
+    stack.set_scales({"ink": 1e-6})
+    assert np.abs(stack.generate(PROMPT, mode="composite", **GEN) - merge_alone).max() > 0.05
+    stack.set_scales({"ink": -0.7})
+    assert np.isfinite(stack.generate(PROMPT, mode="composite", **GEN)).all()
+    stack.set_scales({"ink": 0.5})
     assert np.array_equal(stack.generate(PROMPT, **GEN), merge)  # modes leave the fused state as stored
     with pytest.raises(ValueError, match="unknown mode 'mix'"):
         stack.generate(PROMPT, mode="mix")
@@ -291,3 +298,11 @@ def test_overflowing_scales_are_refused_and_leave_the_weights_as_they_were(stack
     assert all(torch.equal(v, before[k]) for k, v in weights(pipe).items())
     assert list(stack.scales) == ["pastel"] and stack.scales["pastel"].unet == 0.5
     assert not any("attn1" in k for k in stack._w0), "the failed adapter's W0 copies were kept"
+    # A failed replacement puts the adapter it replaced back, in its place, weights bit for bit.
+    stack.add("ink", adapters["ink"], 0.3)
+    both = weights(pipe)
+    with pytest.raises(ValueError, match="lower the scales"):
+        stack.add("pastel", adapters["ink"], {"blocks": {"up": 1e39}})
+    assert list(stack.scales) == ["pastel", "ink"] and stack.scales["pastel"].unet == 0.5
+    assert all(torch.equal(v, both[k]) for k, v in weights(pipe).items())
+    stack.remove("ink")

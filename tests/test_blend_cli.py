@@ -86,6 +86,19 @@ def test_merge(files, capsys, tmp_path):
     assert code == 0 and "at rank 1" in out and float(out.rsplit("relative error ", 1)[1]) > 0.1
 
 
+def test_merge_refuses_adapters_of_different_architectures_naming_both(files, capsys, tmp_path):
+    from stylelora.adapters import LoraLayer
+
+    ad, pastel = load_adapter(files["ink"]), load_adapter(files["pastel"])
+    key = next(k for k in ad.layers if k in pastel.layers)
+    lay = ad.layers[key]
+    ad.layers[key] = LoraLayer(torch.cat([lay.down, torch.zeros(lay.down.shape[0], 8)], 1), lay.up, lay.alpha)
+    save_adapter(ad, tmp_path / "wide.safetensors")
+    code, _, err = run(capsys, "merge", files["pastel"], tmp_path / "wide.safetensors", "-o", tmp_path / "m.safetensors")
+    assert code == 2 and f"cannot merge {key}" in err and "pastel" in err and "wide.safetensors" in err
+    assert "different architectures" in err and not (tmp_path / "m.safetensors").exists()
+
+
 def test_generate_specs_tags_and_library_agree(files, capsys, tmp_path, tiny_random_pipe):
     common = ["--base", files["base"], "--steps", 3, "--seed", 5, "--adapters-dir", files["root"] / "adapters"]
     assert run(capsys, "generate", PROMPT, "--adapter", f"{files['pastel']}:0.8:0.4", "--adapter", files["ink"],

@@ -235,6 +235,17 @@ def test_names_never_leave_the_folders(served, ui_dirs, tmp_path):
     with pytest.raises(ValueError):  # datasets/../adapters exists, but a relative value is a name
         ui.load_captions("../adapters")
     assert ui.load_captions(str(ui_dirs["datasets"] / "pastel"))[0]  # absolute paths are the user's own
+    ui.any_folder = False  # ... unless the UI listens beyond this machine (serve() decides from --host)
+    try:
+        with pytest.raises(ValueError, match="served beyond this machine, so it only reads datasets inside"):
+            ui.load_captions(str(ui_dirs["datasets"] / "pastel"))
+        assert ui.load_captions("pastel")[0]
+    finally:
+        ui.any_folder = True
+    from ui.app import is_loopback
+
+    assert [is_loopback(h) for h in ("127.0.0.1", "::1", "localhost", "127.0.0.2")] == [True] * 4
+    assert [is_loopback(h) for h in ("0.0.0.0", "192.168.1.5", "::", "my-host")] == [False] * 4
     # and through the server: a crafted slot name is an error, not a file read
     with pytest.raises(Exception, match="not a usable name"):
         client(served[1]).predict(*request(adapters={"../victim": 1.0}, slot_names=["../victim"]),
@@ -291,6 +302,10 @@ def test_server_refuses_oversized_uploads(served):
 
 
 def test_adapter_upload_validated(served, tiny_random_pipe, tmp_path):
+    import shutil
+
+    from stylelora.fileio import _umask
+
     ui = served[0].stylelora
     pickled = tmp_path / "evil.ckpt"
     torch.save({"x": torch.zeros(1)}, pickled)
@@ -308,6 +323,22 @@ def test_adapter_upload_validated(served, tiny_random_pipe, tmp_path):
     assert "fresh_upload" in ui.adapter_names() and not ui.adapter_names().count(".fresh_upload")
     with pytest.raises(FileExistsError):
         ui.upload(str(good))
+    # Two requests racing for one new name: the one that finishes second must not replace the first.
+    other = make_adapter(tiny_random_pipe, tmp_path / "racer.safetensors", 7)
+    first = make_adapter(tiny_random_pipe, tmp_path / "first.safetensors", 8)
+
+    def slow_write(tmp):  # while this upload writes, another one takes the name
+        ui.upload(str(first))
+        shutil.copyfile(other, tmp)
+
+    first_bytes = first.read_bytes()
+    with pytest.raises(FileExistsError, match="an adapter named 'first' exists"):
+        ui._publish("first", slow_write)
+    published = ui.adapters_dir / "first.safetensors"
+    assert published.read_bytes() == first_bytes
+    assert not [p.name for p in ui.adapters_dir.iterdir() if p.name.startswith(".first")]
+    assert published.stat().st_mode & 0o777 == 0o666 & ~_umask()  # not mkstemp's owner-only 0600
+    ui.delete("first", True)
 
 
 def test_adapters_tab_inspect_convert_merge_delete(served):

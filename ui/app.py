@@ -27,6 +27,7 @@ import html
 import os
 import random
 import re
+import secrets
 import shutil
 import stat
 import tempfile
@@ -155,7 +156,7 @@ class StyleloraUI:
     """The app's state: folders, the one pipe and AdapterStack, the current training job."""
 
     def __init__(self, adapters_dir, base=None, *, datasets_dir="datasets", base_config=None,
-                 device="cpu", max_adapter_mb=512, max_dataset_mb=512):
+                 device="cpu", max_adapter_mb=512, max_dataset_mb=512, any_folder=True):
         from stylelora.base import load_base
         from stylelora.blend import AdapterStack
 
@@ -164,6 +165,9 @@ class StyleloraUI:
         self.datasets_dir = Path(datasets_dir).expanduser().resolve()
         self.base, self.base_config = base, base_config
         self.max_adapter_bytes, self.max_dataset_bytes = int(max_adapter_mb * MB), int(max_dataset_mb * MB)
+        # Typing any folder's absolute path to train on: the local user's own files. serve() turns it
+        # off when the UI listens beyond this machine, so remote users stay inside datasets_dir.
+        self.any_folder = any_folder
         self.pipe = load_base(base, config=base_config, device=device)
         # Training runs where the app's model runs (TrainConfig takes a device type, not cuda:N).
         self.device = self.pipe.device.type
@@ -295,6 +299,9 @@ class StyleloraUI:
         relative value never leaves datasets/ ("../x" is refused, not resolved)."""
         value = (value or "").strip()
         path = Path(value).expanduser()
+        if path.is_absolute() and not self.any_folder:
+            raise ValueError(f"{value!r}: this UI is served beyond this machine, so it only reads datasets "
+                             f"inside {self.datasets_dir}: type a folder name there, or upload a zip")
         path = path.resolve() if path.is_absolute() else safe_child(self.datasets_dir, value)
         if not path.is_dir():
             raise FileNotFoundError(f"dataset folder {value!r} not found: pick one of {self.datasets_dir} "
@@ -409,12 +416,33 @@ class StyleloraUI:
             raise FileExistsError(f"an adapter named {out.stem!r} exists: pick another name")
         return out
 
+    def _publish(self, name: str, write) -> Path:
+        """A new adapter under `name`, never replacing one that exists, even when two requests race
+        for the name (two uploads, an upload and a merge): `write` fills a hidden temporary beside it,
+        which is then hard-linked into place, and a link fails when the name is taken."""
+        out = self._new_path(name)
+        tmp = out.with_name(f".{out.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp.safetensors")
+        try:
+            write(tmp)
+            try:
+                os.link(tmp, out)
+            except FileExistsError:
+                raise FileExistsError(f"an adapter named {out.stem!r} exists: pick another name") from None
+            except OSError:  # a filesystem without hard links: check and rename under the UI's lock
+                with self._lock:
+                    self._new_path(name)
+                    os.replace(tmp, out)
+        finally:
+            tmp.unlink(missing_ok=True)
+        return out
+
     def convert(self, name, fmt, new_name):
         from stylelora.adapters import export_kohya, load_adapter, save_adapter
 
         adapter = load_adapter(self.adapter_path(name))
-        out = self._new_path(new_name or f"{name}-{fmt}")
-        (export_kohya if fmt == "kohya" else save_adapter)(adapter, out)
+        self._new_path(new_name or f"{name}-{fmt}")  # a taken name fails before the work
+        out = self._publish(new_name or f"{name}-{fmt}",
+                            lambda tmp: (export_kohya if fmt == "kohya" else save_adapter)(adapter, tmp))
         return f"wrote {out.name} ({fmt} keys)"
 
     def merge(self, names, weights, new_name, rank):
@@ -428,10 +456,10 @@ class StyleloraUI:
             raise ValueError(f"weights {weights!r}: write one number per adapter, e.g. 0.5, 0.5") from None
         if len(names) < 2 or len(ws) != len(names):
             raise ValueError(f"pick 2 or more adapters and one weight each (got {len(names)} and {len(ws)})")
-        out = self._new_path(new_name)
+        self._new_path(new_name)  # a taken name fails before the work
         merged, err = merge_adapters([(load_adapter(self.adapter_path(n)), w) for n, w in zip(names, ws)],
                                      rank=int(rank) if rank else None)
-        save_adapter(merged, out)
+        out = self._publish(new_name, lambda tmp: save_adapter(merged, tmp))
         return (f"wrote {out.name} = " + " + ".join(f"{w:g}·{n}" for n, w in zip(names, ws)) +
                 f" (relative error {err:.2g})")
 
@@ -453,10 +481,8 @@ class StyleloraUI:
         if src.stat().st_size > self.max_adapter_bytes:
             raise ValueError(f"{src.name} is over the {self.max_adapter_bytes // MB} MB adapter limit")
         check_fits(load_adapter(src), self.pipe)  # refuses pickles, corrupt files, wrong bases
-        out = self._new_path(re.sub(r"[^A-Za-z0-9._-]", "_", src.stem).lstrip("._-")[:64] or "uploaded")
-        tmp = out.with_name(f".{out.name}.upload")
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, out)
+        name = re.sub(r"[^A-Za-z0-9._-]", "_", src.stem).lstrip("._-")[:64] or "uploaded"
+        out = self._publish(name, lambda tmp: shutil.copyfile(src, tmp))
         return f"added {out.name}"
 
 
@@ -621,4 +647,16 @@ def serve(adapters_dir="adapters", base=None, *, host="127.0.0.1", port=7860, au
     """`stylelora ui`: build the app and serve it until interrupted."""
     limit = max(options.get("max_adapter_mb", 512), options.get("max_dataset_mb", 512))
     launch = launch_options(host, port, auth, limit)  # a bad --auth fails before the base loads
+    options.setdefault("any_folder", is_loopback(host))
     build_app(adapters_dir, base, **options).queue().launch(**launch)
+
+
+def is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve anywhere
+        return False
