@@ -148,7 +148,7 @@ class AdapterStack:
                         self._track(key)  # its layers are at W0 again, so this copies W0 exactly
                     self._loaded[name], self.scales[name] = previous
                     self._loaded = {n: self._loaded[n] for n in order}
-                    self.scales = {n: self.scales[n] for n in order if n in self.scales}
+                    self.scales = {n: self.scales[n] for n in order}
                     self._apply(self._plan(self.scales))
                 raise
         return adapter
@@ -347,12 +347,11 @@ def merge_adapters(items: list[tuple[Adapter, Any]], rank: int | None = None) ->
         if not pairs:
             continue
         first: LoraLayer = pairs[0][0]
-        if bad := [(ad, ad.layers[key]) for ad, _ in items
-                   if key in ad.layers and ad.layers[key].shape != first.shape]:
-            named = [ad for ad, _ in items if key in ad.layers]
-            raise ValueError(f"cannot merge {key}: it is {first.shape} in {named[0].path or 'the first adapter'} "
-                             f"but {bad[0][1].shape} in {bad[0][0].path or 'another'}: the adapters were trained "
-                             "on bases of different architectures (merge adapters of one base only)")
+        having = [ad for ad, _ in items if key in ad.layers]
+        if odd := next((ad for ad in having if ad.layers[key].shape != having[0].layers[key].shape), None):
+            raise ValueError(f"cannot merge {key}: it is {having[0].layers[key].shape} in {having[0].path} but "
+                             f"{odd.layers[key].shape} in {odd.path}: the adapters were trained on bases of "
+                             "different architectures (merge adapters of one base only)")
         b = torch.cat([lay.up.flatten(1).double() * (s * lay.scale) for lay, s in pairs], 1)  # (out, R)
         a = torch.cat([lay.down.flatten(1).double() for lay, _ in pairs], 0)  # (R, in)
         qb, rb = torch.linalg.qr(b)

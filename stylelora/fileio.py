@@ -71,7 +71,7 @@ def _alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
-    except (PermissionError, OSError):  # someone else's process, or no way to tell: keep its file
+    except OSError:  # someone else's process (EPERM), or no way to tell: keep its file
         return True
     return True
 

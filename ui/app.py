@@ -440,7 +440,6 @@ class StyleloraUI:
         from stylelora.adapters import export_kohya, load_adapter, save_adapter
 
         adapter = load_adapter(self.adapter_path(name))
-        self._new_path(new_name or f"{name}-{fmt}")  # a taken name fails before the work
         out = self._publish(new_name or f"{name}-{fmt}",
                             lambda tmp: (export_kohya if fmt == "kohya" else save_adapter)(adapter, tmp))
         return f"wrote {out.name} ({fmt} keys)"
