@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from stylelora.adapters import Adapter, LoraLayer, resolve_module, save_adapter  # noqa: E402
+from stylelora.adapters import Adapter, LoraFactors, resolve_module, save_adapter  # noqa: E402
 from stylelora.blend import AdapterStack  # noqa: E402
 from stylelora.lora import find_targets  # noqa: E402
 
@@ -81,7 +81,7 @@ def random_adapters(pipe, n: int, rank: int) -> list[Adapter]:
         layers = {}
         for key in keys:
             o, i = resolve_module(pipe, key).weight.shape
-            layers[key] = LoraLayer(torch.randn(rank, i, generator=g) / i ** 0.5,
+            layers[key] = LoraFactors(torch.randn(rank, i, generator=g) / i ** 0.5,
                                     torch.randn(o, rank, generator=g) * 0.3 / rank ** 0.5, float(rank))
         out.append(Adapter(layers=layers))
     return out

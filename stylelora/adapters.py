@@ -48,8 +48,9 @@ _PEFT_KEY = re.compile(r"^(?P<module>.+)\.(?:lora_(?P<ab>[AB])\.weight|(?P<alpha
 
 
 @dataclass
-class LoraLayer:
-    """One adapted layer: W' = W + up @ down * alpha / rank. Conv LoRA keeps its 4-D tensors."""
+class LoraFactors:
+    """The low-rank delta of one adapted layer: W' = W + up @ down * alpha / rank. Conv LoRA keeps
+    its 4-D tensors. (Not PEFT's LoraLayer, the module wrapper that applies such factors.)"""
 
     down: torch.Tensor  # A: (rank, in) or (rank, in, kh, kw)
     up: torch.Tensor  # B: (out, rank) or (out, rank, 1, 1)
@@ -85,9 +86,12 @@ class LoraLayer:
         return (self.up.flatten(1).float() @ self.down.flatten(1).float() * self.scale).reshape(self.shape)
 
 
+LoraLayer = LoraFactors  # the old name, until tests/test_ui.py moves to the new one
+
+
 @dataclass
 class Adapter:
-    layers: dict[str, LoraLayer]  # "unet.<module>" / "text_encoder.<module>"
+    layers: dict[str, LoraFactors]  # "unet.<module>" / "text_encoder.<module>"
     metadata: dict[str, str] = field(default_factory=dict)
     path: Path | None = None
     source_format: str = "stylelora"  # what the file was: "stylelora" | "diffusers" | "kohya"
@@ -151,7 +155,7 @@ def _file_key(key: str) -> str:
     return f"text_encoder.text_model.{module}" if comp == "text_encoder" else key
 
 
-def _lora_config(layers: dict[str, LoraLayer]) -> dict[str, Any]:
+def _lora_config(layers: dict[str, LoraFactors]) -> dict[str, Any]:
     """Minimal LoraConfig kwargs for one component, shaped like diffusers' get_peft_kwargs. Minimal
     on purpose: a field newer PEFTs add would be an unknown kwarg (TypeError) for older ones."""
     r = _most_common([l.rank for l in layers.values()], 0)
@@ -329,7 +333,7 @@ def _split_components(path: Path, tensors: dict[str, torch.Tensor]) -> dict[str,
 
 
 def _layers(path: Path, comp: str, sd: dict[str, torch.Tensor],
-            alpha_of: Callable[[str, int, float | None], float]) -> dict[str, LoraLayer]:
+            alpha_of: Callable[[str, int, float | None], float]) -> dict[str, LoraFactors]:
     """Layers of one component from its (any-vintage diffusers) keys; alpha_of(module, rank, .alpha)."""
     pairs: dict[str, dict[str, torch.Tensor]] = collections.defaultdict(dict)
     alphas, unknown = {}, []
@@ -350,8 +354,8 @@ def _layers(path: Path, comp: str, sd: dict[str, torch.Tensor],
             raise ValueError(f"{path}: {comp}.{module} has lora_{''.join(ab)} without its partner; "
                              "the file is incomplete, re-export it")
         try:
-            rank = ab["A"].shape[0] if ab["A"].ndim else 0  # a 0-d "matrix" fails in LoraLayer below
-            layers[f"{comp}.{module}"] = LoraLayer(ab["A"], ab["B"], alpha_of(module, rank, alphas.get(module)))
+            rank = ab["A"].shape[0] if ab["A"].ndim else 0  # a 0-d "matrix" fails in LoraFactors below
+            layers[f"{comp}.{module}"] = LoraFactors(ab["A"], ab["B"], alpha_of(module, rank, alphas.get(module)))
         except (ValueError, TypeError) as e:
             raise ValueError(f"{path}: layer {comp}.{module}: {e}") from e
     return layers
@@ -368,7 +372,7 @@ def _config_alpha(config: Mapping[str, Any], module: str, rank: int) -> float:
     return alpha * math.sqrt(rank) if config.get("use_rslora") else alpha
 
 
-def _from_diffusers(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> dict[str, LoraLayer]:
+def _from_diffusers(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> dict[str, LoraFactors]:
     lora_meta = _json_meta(metadata, DIFFUSERS_META_KEY, path) or {}
     layers = {}
     for comp, sd in _split_components(path, tensors).items():
@@ -389,7 +393,7 @@ def _from_diffusers(path: Path, tensors: dict[str, torch.Tensor], metadata: dict
     return layers
 
 
-def _from_kohya(path: Path, tensors: dict[str, torch.Tensor]) -> dict[str, LoraLayer]:
+def _from_kohya(path: Path, tensors: dict[str, torch.Tensor]) -> dict[str, LoraFactors]:
     """kohya names -> ours through diffusers' converter, one module at a time so that each .alpha
     stays with its module. (0.42's own import keys .alpha under names matching no module, so mixed
     alphas collapse there.) kohya semantics: a missing or zero alpha means alpha = rank."""
@@ -471,7 +475,7 @@ def adapter_from_pipeline(pipe, adapter_name: str = "default", *,
             r, alpha = mod.r[adapter_name], mod.lora_alpha[adapter_name]
             alpha = alpha * math.sqrt(r) if mod.use_rslora.get(adapter_name) else alpha
             down, up = (sd[f"{name}.lora_{ab}.weight"].detach().cpu().clone() for ab in "AB")
-            layers[f"{comp}.{name.removeprefix('text_model.')}"] = LoraLayer(down, up, alpha)
+            layers[f"{comp}.{name.removeprefix('text_model.')}"] = LoraFactors(down, up, alpha)
     if not layers:
         raise ValueError(f"the pipeline has no LoRA adapter named {adapter_name!r} "
                          f"(adapters present: {sorted(seen) or 'none'})")

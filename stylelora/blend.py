@@ -26,7 +26,7 @@ from typing import Any, Mapping
 
 import torch
 
-from .adapters import Adapter, LoraLayer, check_fits, load_adapter, resolve_module, stylelora_metadata
+from .adapters import Adapter, LoraFactors, check_fits, load_adapter, resolve_module, stylelora_metadata
 
 BLOCKS = ("down", "mid", "up")
 MODES = ("merge", "switch", "composite")
@@ -346,7 +346,7 @@ def merge_adapters(items: list[tuple[Adapter, Any]], rank: int | None = None) ->
         pairs = [(ad.layers[key], s.of(key)) for (ad, _), s in zip(items, scales) if key in ad.layers and s.of(key)]
         if not pairs:
             continue
-        first: LoraLayer = pairs[0][0]
+        first: LoraFactors = pairs[0][0]
         having = [ad for ad, _ in items if key in ad.layers]
         if odd := next((ad for ad in having if ad.layers[key].shape != having[0].layers[key].shape), None):
             raise ValueError(f"cannot merge {key}: it is {having[0].layers[key].shape} in {having[0].path} but "
@@ -363,7 +363,7 @@ def merge_adapters(items: list[tuple[Adapter, Any]], rank: int | None = None) ->
         exact = b @ a
         err2 += float((up.double() @ down.double() - exact).pow(2).sum())
         norm2 += float(exact.pow(2).sum())
-        layers[key] = LoraLayer(down.reshape(r, *first.down.shape[1:]).contiguous(),
+        layers[key] = LoraFactors(down.reshape(r, *first.down.shape[1:]).contiguous(),
                                 up.reshape(up.shape[0], r, *first.up.shape[2:]).contiguous(), alpha=r)
     if not layers:
         raise ValueError("every scale is 0: the merged adapter would be empty")

@@ -155,7 +155,8 @@ class TrainConfig:
         need(str(self.out).endswith(".safetensors"), f"out must end in .safetensors, got {self.out!r}")
 
     @property
-    def scale_alpha(self) -> float:
+    def effective_alpha(self) -> float:
+        """The LoRA alpha the run uses: `alpha`, or the rank when unset (scale alpha / rank = 1)."""
         return float(self.alpha if self.alpha is not None else self.rank)
 
     @property
@@ -453,10 +454,10 @@ def train(cfg: TrainConfig, *, on_log: Callable[[dict], None] | None = None,
     # LoRA on the chosen targets; seeded so every process starts from the same A matrices.
     torch.manual_seed(cfg.seed)
     u_targets = unet_targets(unet, cfg.targets)
-    params = {"unet": inject(unet, u_targets, cfg.rank, cfg.scale_alpha, cfg.lora_dropout)}
+    params = {"unet": inject(unet, u_targets, cfg.rank, cfg.effective_alpha, cfg.lora_dropout)}
     t_targets = text_encoder_targets(te) if cfg.train_text_encoder else []
     if t_targets:
-        params["text_encoder"] = inject(te, t_targets, cfg.rank, cfg.scale_alpha, cfg.lora_dropout)
+        params["text_encoder"] = inject(te, t_targets, cfg.rank, cfg.effective_alpha, cfg.lora_dropout)
     for p in (p for group in params.values() for p in group):
         p.data = p.data.float()
     named = {f"unet.{n}": p for n, p in unet.named_parameters() if p.requires_grad}

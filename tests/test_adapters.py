@@ -22,7 +22,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from stylelora import adapters as A
-from stylelora.adapters import (Adapter, LoraLayer, adapter_from_pipeline, check_fits, describe, export_kohya,
+from stylelora.adapters import (Adapter, LoraFactors, adapter_from_pipeline, check_fits, describe, export_kohya,
                                 fingerprint, load_adapter, save_adapter, stylelora_metadata)
 
 UNET_KEYS = [
@@ -71,7 +71,7 @@ def make_adapter(pipe, keys=ALL_KEYS, rank=4, alpha=8.0, seed=0, ranks=None, alp
     for i, key in enumerate(keys):
         out, inp = shape_of(pipe, key)
         r = (ranks or {}).get(key, rank)
-        layers[key] = LoraLayer(torch.randn(r, inp, generator=g), torch.randn(out, r, generator=g),
+        layers[key] = LoraFactors(torch.randn(r, inp, generator=g), torch.randn(out, r, generator=g),
                                 (alphas or {}).get(key, alpha))
     return Adapter(layers=layers, metadata=stylelora_metadata(**meta))
 
@@ -407,11 +407,11 @@ def test_check_fits(tiny_pipe):
     ad = make_adapter(tiny_pipe)
     check_fits(ad, tiny_pipe)
     key = UNET_KEYS[1]  # attn2.to_k reads the 64-wide text states; give it a 32-wide input
-    ad.layers[key] = LoraLayer(torch.zeros(4, 32), torch.zeros(shape_of(tiny_pipe, key)[0], 4), 4.0)
+    ad.layers[key] = LoraFactors(torch.zeros(4, 32), torch.zeros(shape_of(tiny_pipe, key)[0], 4), 4.0)
     with pytest.raises(ValueError, match=rf"{key}.*\(64, 32\) \(out, in\) but the base weight is \(64, 64\)"):
         check_fits(ad, tiny_pipe)
     ghost = "text_encoder.encoder.layers.7.self_attn.q_proj"
-    ad2 = Adapter({ghost: LoraLayer(torch.zeros(2, 64), torch.zeros(64, 2), 2.0)}, stylelora_metadata(base_name="sd15"))
+    ad2 = Adapter({ghost: LoraFactors(torch.zeros(2, 64), torch.zeros(64, 2), 2.0)}, stylelora_metadata(base_name="sd15"))
     with pytest.raises(ValueError, match=rf"{ghost} has no matching module.*its base: sd15"):
         check_fits(ad2, tiny_pipe)
 

@@ -29,7 +29,7 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from stylelora.adapters import LoraLayer, load_adapter, save_adapter
+from stylelora.adapters import LoraFactors, load_adapter, save_adapter
 from stylelora.blend import AdapterStack, parse_prompt_loras
 from stylelora.data import CaptionFolder, discover
 from stylelora.train import TrainConfig, load_toml, train
@@ -486,7 +486,7 @@ def test_pickle_suffix_is_refused_before_reading(tmp_path):
 def test_adapter_for_another_base_names_the_layer_and_both_shapes(tmp_path, tiny_random_pipe, tiny_base):
     ad = make_adapter(tiny_random_pipe, keys=UNET_KEYS[:2])
     key = UNET_KEYS[1]  # attn2.to_k: (64, 64) in this base; give the adapter a 32-wide input
-    ad.layers[key] = LoraLayer(torch.zeros(4, 32), torch.zeros(64, 4), 4.0)
+    ad.layers[key] = LoraFactors(torch.zeros(4, 32), torch.zeros(64, 4), 4.0)
     path = save_adapter(ad, tmp_path / "other.safetensors")
     pattern = rf"adapter layer {re.escape(key)} does not fit this base model: .*\(64, 32\) \(out, in\) but the " \
               r"base weight is \(64, 64\); the adapter was trained for a different base"

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from stylelora.adapters import Adapter, LoraLayer, resolve_module, save_adapter
+from stylelora.adapters import Adapter, LoraFactors, resolve_module, save_adapter
 from stylelora.blend import AdapterStack, Scale, block_of, merge_adapters, parse_prompt_loras
 from stylelora.lora import find_targets
 
@@ -43,7 +43,7 @@ def rand_adapter(pipe, layer_keys, rank, alpha, seed) -> Adapter:
     layers = {}
     for key in layer_keys:
         out, inp = resolve_module(pipe, key).weight.shape
-        layers[key] = LoraLayer(torch.randn(rank, inp, generator=g) / inp ** 0.5,
+        layers[key] = LoraFactors(torch.randn(rank, inp, generator=g) / inp ** 0.5,
                                 torch.randn(out, rank, generator=g) * (rank / alpha) * 0.6 / rank ** 0.5, alpha)
     return Adapter(layers=layers)
 
@@ -257,7 +257,7 @@ def test_conv_layers_match_diffusers(stack, pipe, tmp_path):
     layers = {}
     for key in ("unet.down_blocks.0.resnets.0.conv1", "unet.up_blocks.1.resnets.1.conv2"):
         out, inp, kh, kw = resolve_module(pipe, key).weight.shape
-        layers[key] = LoraLayer(torch.randn(4, inp, kh, kw, generator=g) / (inp * kh * kw) ** 0.5,
+        layers[key] = LoraFactors(torch.randn(4, inp, kh, kw, generator=g) / (inp * kh * kw) ** 0.5,
                                 torch.randn(out, 4, 1, 1, generator=g) * 0.4, 8.0)
     conv = Adapter(layers=layers)
     stack.add("conv", conv, 0.9)

@@ -87,12 +87,12 @@ def test_merge(files, capsys, tmp_path):
 
 
 def test_merge_refuses_adapters_of_different_architectures_naming_both(files, capsys, tmp_path):
-    from stylelora.adapters import LoraLayer
+    from stylelora.adapters import LoraFactors
 
     ad, pastel = load_adapter(files["ink"]), load_adapter(files["pastel"])
     key = next(k for k in ad.layers if k in pastel.layers)
     lay = ad.layers[key]
-    ad.layers[key] = LoraLayer(torch.cat([lay.down, torch.zeros(lay.down.shape[0], 8)], 1), lay.up, lay.alpha)
+    ad.layers[key] = LoraFactors(torch.cat([lay.down, torch.zeros(lay.down.shape[0], 8)], 1), lay.up, lay.alpha)
     save_adapter(ad, tmp_path / "wide.safetensors")
     code, _, err = run(capsys, "merge", files["pastel"], tmp_path / "wide.safetensors", "-o", tmp_path / "m.safetensors")
     assert code == 2 and f"cannot merge {key}" in err and "pastel" in err and "wide.safetensors" in err

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from stylelora.adapters import Adapter, LoraLayer, export_kohya, load_adapter, save_adapter
+from stylelora.adapters import Adapter, LoraFactors, export_kohya, load_adapter, save_adapter
 from stylelora.blend import parse_prompt_loras
 from stylelora.data import CaptionProcessor, split_tags
 
@@ -168,7 +168,7 @@ def adapters(draw) -> Adapter:
             down, up = torch.randn(r, n_in, k, k, generator=g), torch.randn(n_out, r, 1, 1, generator=g)
         else:
             down, up = torch.randn(r, n_in, generator=g), torch.randn(n_out, r, generator=g)
-        layers[key] = LoraLayer(down, up, draw(st.sampled_from([float(r), 1.0, 0.5, 16.0])))
+        layers[key] = LoraFactors(down, up, draw(st.sampled_from([float(r), 1.0, 0.5, 16.0])))
     return Adapter(layers)
 
 
