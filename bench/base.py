@@ -71,7 +71,8 @@ def main() -> None:
     from diffusers import StableDiffusionPipeline
 
     from stylelora.base import EMBEDDED_DIR, load_base
-    from stylelora.evaluate import DEFAULT_GUIDANCE, DEFAULT_STEPS, generate_images
+    from stylelora.config import DEFAULT_GUIDANCE, DEFAULT_STEPS
+    from stylelora.generate import generate_images
 
     ours = load_base()
     plain = StableDiffusionPipeline.from_pretrained(EMBEDDED_DIR, safety_checker=None, requires_safety_checker=False,

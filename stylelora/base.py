@@ -59,6 +59,12 @@ def base_name(spec: str | os.PathLike | None) -> str:
     return Path(spec).name
 
 
+def native_size(pipe) -> int:
+    """The side in pixels the base was trained at (and generates by default): 64 for the embedded
+    base, 512 for SD 1.5."""
+    return pipe.unet.config.sample_size * pipe.vae_scale_factor
+
+
 def load_base(spec: str | os.PathLike | None = None, *, config: str | os.PathLike | None = None,
               device: str | None = "cpu", dtype: str | torch.dtype | None = None):
     """The base pipeline named by `spec`, offline.

@@ -184,7 +184,7 @@ class AdapterStack:
                  scales: Mapping[str, Any] | None = None, switch_every: int = 1, output_type: str = "pil"):
         """One image. `scales`, if given, is complete for this call (adapters it does not name are
         off) and is not stored. Seed s is torch.Generator('cpu').manual_seed(s), as in diffusers."""
-        from .evaluate import DEFAULT_GUIDANCE, DEFAULT_STEPS
+        from .config import DEFAULT_GUIDANCE, DEFAULT_STEPS
 
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}: use one of {list(MODES)}")

@@ -137,7 +137,7 @@ def cmd_convert(args) -> None:
 def _scaled_specs(specs: list[str]):
     """--adapter PATH[:SCALE[:TE_SCALE]] values -> [(path, Scale)]."""
     from .blend import Scale
-    from .evaluate import parse_adapter_spec
+    from .parsing import parse_adapter_spec
 
     out = []
     for spec in specs:
@@ -169,10 +169,15 @@ def _size(text: str | None) -> tuple[int, int] | None:
 
 
 def _strengths(text: str) -> list[float]:
+    from .parsing import parse_number_list
+
     try:
-        return [float(s) for s in text.split(",")]
+        strengths = parse_number_list(text)
     except ValueError:
-        raise ValueError(f"bad --sweep {text!r}: give comma-separated strengths, e.g. 0,0.5,1") from None
+        strengths = []
+    if not strengths:
+        raise ValueError(f"bad --sweep {text!r}: give comma-separated strengths, e.g. 0,0.5,1")
+    return strengths
 
 
 def cmd_generate(args) -> None:
@@ -210,34 +215,9 @@ def cmd_generate(args) -> None:
     print(f"wrote {out}" + (f" ({len(stack.names)} adapters x {len(strengths)} strengths)" if strengths else ""))
 
 
-def _add_config_flags(p: argparse.ArgumentParser, config_cls, skip=()) -> None:
-    """One --flag per dataclass field (type from the annotation, help from the field's metadata),
-    with default SUPPRESS so only flags the user typed override the TOML file and the defaults."""
-    import dataclasses
-    import typing
-
-    hints = typing.get_type_hints(config_cls)
-    for f in dataclasses.fields(config_cls):
-        if f.name in skip:
-            continue
-        flag = "--" + f.name.replace("_", "-")
-        kind = hints[f.name]
-        args = typing.get_args(kind)
-        base = next((a for a in args if a is not type(None)), kind) if args else kind
-        help_text = f.metadata.get("help", "")
-        if typing.get_origin(kind) is list or base is list:
-            p.add_argument(flag, action="append", default=argparse.SUPPRESS, help=help_text)
-            continue
-        if f.default is not None:  # an unset default is explained by the help text itself
-            help_text = f"{help_text} (default: {f.default})".strip()
-        if base is bool:
-            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
-        else:
-            p.add_argument(flag, type=base, default=argparse.SUPPRESS, help=help_text)
-
-
 def cmd_train(args) -> None:
-    from .train import TrainConfig, load_toml, train
+    from .config import TrainConfig, load_toml
+    from .train import train
 
     values = load_toml(args.config) if args.config else {}
     given = {k: v for k, v in vars(args).items() if k not in ("command", "func", "config")}
@@ -264,7 +244,7 @@ def cmd_ui(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .evaluate import DEFAULT_GUIDANCE, DEFAULT_STEPS
+    from .config import DEFAULT_GUIDANCE, DEFAULT_STEPS, TrainConfig, add_config_flags
 
     parser = argparse.ArgumentParser(prog="stylelora", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -296,9 +276,7 @@ def build_parser() -> argparse.ArgumentParser:
                        argument_default=argparse.SUPPRESS)
     p.add_argument("dataset", nargs="?", help="folder of images with same-stem captions")
     p.add_argument("--config", default=None, help="TOML file with TrainConfig fields (flags override it)")
-    from .train import TrainConfig
-
-    _add_config_flags(p, TrainConfig, skip=("dataset",))
+    add_config_flags(p, TrainConfig, skip=("dataset",))
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("eval", help="judge a base (+ adapters) on held-out prompts")

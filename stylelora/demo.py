@@ -14,7 +14,8 @@ from .cli import process_defaults  # light: no torch
 process_defaults()  # before torch and transformers load, below
 
 from .base import load_base
-from .evaluate import evaluate, generate_images, heldout_scenes
+from .evaluate import evaluate, heldout_scenes
+from .generate import generate_images
 from .grid import image_grid
 from .world.render import BACKGROUNDS, COLORS, SHAPES
 

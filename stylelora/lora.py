@@ -10,14 +10,7 @@ import re
 
 from torch import nn
 
-# Suffixes of nn.Linear modules per preset. Cross-attention (attn2) is where text meets image:
-# the classic place for a style adapter, and the smallest set that learns one.
-UNET_PRESETS = {
-    "cross-attn": (r"attn2\.(to_q|to_k|to_v|to_out\.0)",),
-    "attn": (r"attn[12]\.(to_q|to_k|to_v|to_out\.0)",),
-    "attn-ff": (r"attn[12]\.(to_q|to_k|to_v|to_out\.0)", r"ff\.net\.(0\.proj|2)"),
-}
-TEXT_ENCODER_PATTERN = r"self_attn\.(q_proj|k_proj|v_proj|out_proj)"
+from .config import TEXT_ENCODER_PATTERN, UNET_PRESETS  # noqa: F401 - the presets live torch-free
 
 
 def find_targets(model: nn.Module, patterns: tuple[str, ...] | str) -> list[str]:

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from stylelora.base import EMBEDDED_DIR, load_base, save_single_file
-from stylelora.evaluate import evaluate, generate_images
+from stylelora.evaluate import evaluate
+from stylelora.generate import generate_images
 
 
 def test_embedded_base_loads_offline_in_a_fresh_process():

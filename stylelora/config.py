@@ -1,0 +1,229 @@
+"""Settings without torch: TrainConfig (and its TOML file and --flags), LoRA target presets and
+generation defaults. `stylelora --help` and `stylelora train --help` read only this module, so they
+print before torch would have finished importing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# Generation: the defaults of the CLI, the UI, evaluation and training's sample grids.
+DEFAULT_STEPS = 20
+DEFAULT_GUIDANCE = 5.0
+
+# Suffixes of nn.Linear modules per preset. Cross-attention (attn2) is where text meets image:
+# the classic place for a style adapter, and the smallest set that learns one.
+UNET_PRESETS = {
+    "cross-attn": (r"attn2\.(to_q|to_k|to_v|to_out\.0)",),
+    "attn": (r"attn[12]\.(to_q|to_k|to_v|to_out\.0)",),
+    "attn-ff": (r"attn[12]\.(to_q|to_k|to_v|to_out\.0)", r"ff\.net\.(0\.proj|2)"),
+}
+TEXT_ENCODER_PATTERN = r"self_attn\.(q_proj|k_proj|v_proj|out_proj)"
+
+OPTIMIZERS = ("adamw", "adamw8bit")
+SCHEDULES = ("constant", "linear", "cosine")
+PRECISIONS = ("no", "fp16", "bf16")
+
+
+def _opt(default, help: str):
+    """A TrainConfig field with its --help text (the CLI reads it from the field's metadata)."""
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run needs. CLI flags and TOML keys are generated from these fields."""
+
+    dataset: str = _opt("", "folder of images with same-stem captions (or a metadata.jsonl)")
+    out: str = _opt("adapter.safetensors", "the adapter file to write; the run folder sits beside it")
+    base: str | None = _opt(None, "base model: unset = the embedded base; a diffusers folder or a .safetensors file")
+    base_config: str | None = _opt(None, "a diffusers folder with the configs of a single-file --base")
+    # data
+    caption_ext: str = _opt(".txt", "extension of the caption file next to each image")
+    trigger: str | None = _opt(None, "word(s) put first in every caption that lacks them; the adapter's trigger")
+    shuffle_captions: bool = _opt(False, "shuffle comma-separated caption tags every time (turns off the text cache)")
+    keep_tokens: int = _opt(0, "with --shuffle-captions: keep the first N tags in place")
+    # Train on the empty caption this often: the adapter then also styles the unconditional branch
+    # of classifier-free guidance, which otherwise pulls the style back out. Measured on the example
+    # styles (README, bench/styles.py, at lr 1e-3): hit at 1.0 pastel 85 -> 100%, dots 89 -> 94%, stripes 78 -> 86%.
+    caption_dropout: float = _opt(0.1, "fraction of samples trained on the empty caption")
+    resolution: int | None = _opt(None, "training size in pixels (multiple of 8); unset = the base's native size")
+    bucket: bool = _opt(True, "aspect-ratio buckets for images of mixed shapes (off: square crops)")
+    random_crop: bool = _opt(False, "random instead of center crops (turns off the latent cache)")
+    flip: bool = _opt(False, "random horizontal flips (turns off the latent cache)")
+    # LoRA
+    targets: str = _opt("cross-attn", "UNet layers that get LoRA: cross-attn | attn | attn-ff "
+                                      "(attn-ff for styles you will stack)")
+    rank: int = _opt(4, "LoRA rank")
+    alpha: float | None = _opt(None, "LoRA alpha; the update is scaled by alpha / rank; unset = rank (scale 1)")
+    lora_dropout: float = _opt(0.0, "dropout on the LoRA branch")
+    train_text_encoder: bool = _opt(True, "also put LoRA on the text encoder's q/k/v/out projections")
+    # optimisation
+    steps: int = _opt(1500, "optimizer steps")
+    batch_size: int = _opt(8, "images per micro-batch and process (a step sees batch_size x grad_accum x processes)")
+    grad_accum: int = _opt(1, "gradient accumulation: batches per optimizer step")
+    # measured on the example styles: stripes 86 -> 90% hit at 1.0 (README)
+    lr: float = _opt(2e-3, "learning rate of the UNet LoRA")
+    te_lr: float | None = _opt(None, "learning rate of the text-encoder LoRA; unset = lr / 2")
+    optimizer: str = _opt("adamw", "adamw | adamw8bit (needs bitsandbytes)")
+    weight_decay: float = _opt(1e-2, "AdamW weight decay")
+    lr_schedule: str = _opt("cosine", "constant | linear | cosine decay over the whole run (times the warm-up ramp)")
+    warmup_steps: int = _opt(50, "linear learning-rate warm-up steps")
+    max_grad_norm: float = _opt(1.0, "gradient clipping norm (0 = no clipping)")
+    min_snr_gamma: float | None = _opt(5.0, "min-SNR-gamma loss weighting; 0 = plain MSE")
+    # Prior preservation without class images: each batch's captions with the trigger words
+    # removed must give the frozen base's prediction, so the style stays behind its trigger and
+    # classifier-free guidance amplifies it. Off by default: on the example technique styles it
+    # over-amplifies at scale 1 (content breaks), and a step costs ~1.7x. See the README.
+    preserve_weight: float = _opt(0.0, "weight of the prior-preservation term (kohya's prior_loss_weight); "
+                                       "0 = off; needs trigger words")
+    noise_offset: float = _opt(0.0, "noise offset (darker darks, brighter brights); 0.05-0.1 is typical")
+    mixed_precision: str = _opt("no", "no | fp16 | bf16: frozen weights in half precision, LoRA in float32")
+    gradient_checkpointing: bool = _opt(False, "recompute UNet activations in the backward pass: less memory, slower")
+    cache: bool = _opt(True, "cache latents / text embeddings where that is exact")
+    seed: int = _opt(0, "random seed (same seed, same data, same adapter)")
+    device: str = _opt("auto", "auto | cpu | cuda | mps (pick GPUs with CUDA_VISIBLE_DEVICES or accelerate launch)")
+    # outputs
+    run_dir: str | None = _opt(None, "folder for the loss log, samples and checkpoints; unset = OUT without "
+                                     ".safetensors + .run")
+    log_every: int = _opt(10, "steps between loss-log rows")
+    sample_every: int = _opt(500, "steps between sample grids (0 = never)")
+    checkpoint_every: int = _opt(500, "steps between checkpoints of the full training state (0 = never)")
+    keep_checkpoints: int = _opt(2, "checkpoints kept (older ones are deleted)")
+    resume: str | None = _opt(None, "continue from a checkpoint folder, or a run folder's latest checkpoint")
+    progress: bool = _opt(True, "show a progress bar")
+    sample_prompts: list[str] = field(default_factory=list, metadata={
+        "help": "a prompt for the sample grids (repeatable); none = the dataset's first captions"})
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, msg: str) -> None:
+            if not ok:
+                raise ValueError(msg)
+
+        _check_types(self)
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            need(not isinstance(value, float) or math.isfinite(value),
+                 f"{f.name} must be a finite number, got {value}")
+        need(self.rank > 0, f"rank must be a positive integer, got {self.rank}: try --rank 4")
+        need(self.alpha is None or self.alpha > 0, f"alpha must be positive, got {self.alpha}")
+        need(self.lr > 0, f"learning rate must be positive, got {self.lr}: try --lr 2e-3")
+        need(self.te_lr is None or self.te_lr > 0, f"te_lr must be positive, got {self.te_lr}")
+        need(self.steps > 0, f"steps must be positive, got {self.steps}")
+        need(self.batch_size > 0 and self.grad_accum > 0, "batch_size and grad_accum must be positive")
+        need(self.resolution is None or (self.resolution > 0 and self.resolution % 8 == 0),
+             f"resolution must be a positive multiple of 8, got {self.resolution}: try "
+             f"{max(8, round((self.resolution or 64) / 8) * 8)}")
+        need(0 <= self.caption_dropout < 1, f"caption_dropout must be in [0, 1), got {self.caption_dropout}")
+        need(0 <= self.lora_dropout < 1, f"lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        need(self.keep_tokens >= 0, f"keep_tokens must be >= 0, got {self.keep_tokens}")
+        need(self.optimizer in OPTIMIZERS, f"optimizer {self.optimizer!r} unknown: use one of {OPTIMIZERS}")
+        need(self.lr_schedule in SCHEDULES, f"lr_schedule {self.lr_schedule!r} unknown: use one of {SCHEDULES}")
+        need(self.mixed_precision in PRECISIONS,
+             f"mixed_precision {self.mixed_precision!r} unknown: use one of {PRECISIONS}")
+        need(self.min_snr_gamma is None or self.min_snr_gamma >= 0,
+             f"min_snr_gamma must be >= 0 (0 = off, the flag's way to say None), got {self.min_snr_gamma}")
+        need(self.preserve_weight >= 0, f"preserve_weight must be >= 0 (0 = off), got {self.preserve_weight}")
+        need(self.device in ("auto", "cpu", "cuda", "mps"), f"device {self.device!r} unknown: use auto, cpu, cuda "
+             "or mps (to pick GPUs, set CUDA_VISIBLE_DEVICES or use accelerate launch --gpu_ids)")
+        need(self.log_every > 0, f"log_every must be positive, got {self.log_every}: try 10")
+        for name in ("sample_every", "checkpoint_every", "warmup_steps", "weight_decay", "max_grad_norm",
+                     "noise_offset"):
+            need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
+        need(self.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1, got {self.keep_checkpoints} "
+             "(0 would delete each checkpoint as it is written): use checkpoint_every = 0 for none")
+        need(self.targets in UNET_PRESETS, f"targets {self.targets!r} unknown: use one of {sorted(UNET_PRESETS)}")
+        need(str(self.out).endswith(".safetensors"), f"out must end in .safetensors, got {self.out!r}")
+
+    @property
+    def effective_alpha(self) -> float:
+        """The LoRA alpha the run uses: `alpha`, or the rank when unset (scale alpha / rank = 1)."""
+        return float(self.alpha if self.alpha is not None else self.rank)
+
+    @property
+    def run_path(self) -> Path:
+        return Path(self.run_dir) if self.run_dir else Path(str(self.out)[: -len(".safetensors")] + ".run")
+
+    def summary(self) -> dict:
+        """What goes into the adapter's metadata (reproducible settings, no local paths)."""
+        skip = {"out", "run_dir", "resume", "progress", "device", "sample_prompts", "base_config"}
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
+
+
+def _check_types(cfg: TrainConfig) -> None:
+    """A TOML file can give any field any type: name the field and what it takes (instead of a
+    bare TypeError from the first comparison). Paths are accepted for strings and made strings."""
+    hints = typing.get_type_hints(TrainConfig)
+    for f in dataclasses.fields(cfg):
+        value, kind = getattr(cfg, f.name), hints[f.name]
+        args = typing.get_args(kind)
+        optional = type(None) in args
+        base = list if typing.get_origin(kind) is list else next((a for a in args if a is not type(None)), kind)
+        if value is None and optional:
+            continue
+        if base is str and isinstance(value, os.PathLike):
+            value = os.fspath(value)
+            setattr(cfg, f.name, value)
+        ok = {bool: lambda v: isinstance(v, bool),
+              int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+              float: lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+              str: lambda v: isinstance(v, str),
+              list: lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v)}[base](value)
+        if not ok:
+            what = {bool: "true or false", int: "an integer", float: "a number", str: "a string",
+                    list: "a list of strings"}[base]
+            raise ValueError(f"{f.name} must be {what}{' (or unset)' if optional else ''}, got {value!r} "
+                             f"({type(value).__name__})")
+
+
+def load_toml(path: str | os.PathLike) -> dict:
+    """Read a TOML config; unknown keys are an error naming them."""
+    import tomllib
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ValueError(f"config file {path} is not valid TOML: {e}") from None
+    if isinstance(data.get("train"), dict):  # a [train] table, or top-level keys, not both
+        if outside := sorted(set(data) - {"train"}):
+            raise ValueError(f"{path} has key(s) {outside} outside its [train] table, where they would be "
+                             "ignored: move them into [train] (or drop the [train] header)")
+        data = data["train"]
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"unknown key(s) {unknown} in {path}; known keys are the TrainConfig fields: "
+                         f"{', '.join(sorted(known))}")
+    return data
+
+
+def add_config_flags(p: argparse.ArgumentParser, config_cls, skip=()) -> None:
+    """One --flag per dataclass field (type from the annotation, help from the field's metadata),
+    with default SUPPRESS so only flags the user typed override the TOML file and the defaults."""
+    hints = typing.get_type_hints(config_cls)
+    for f in dataclasses.fields(config_cls):
+        if f.name in skip:
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        kind = hints[f.name]
+        args = typing.get_args(kind)
+        base = next((a for a in args if a is not type(None)), kind) if args else kind
+        help_text = f.metadata.get("help", "")
+        if typing.get_origin(kind) is list or base is list:
+            p.add_argument(flag, action="append", default=argparse.SUPPRESS, help=help_text)
+            continue
+        if f.default is not None:  # an unset default is explained by the help text itself
+            help_text = f"{help_text} (default: {f.default})".strip()
+        if base is bool:
+            p.add_argument(flag, action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help_text)
+        else:
+            p.add_argument(flag, type=base, default=argparse.SUPPRESS, help=help_text)
