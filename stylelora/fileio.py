@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import tempfile
 from glob import escape as glob_escape
 from collections.abc import Iterator
@@ -40,6 +41,39 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
             raise OSError(errno.ENOSPC, f"no space left on device while writing {path}: free some space "
                                         "and write it again (nothing was written under that name)") from e
         raise
+
+
+@contextmanager
+def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
+    """atomic_path for a folder: yield a fresh sibling folder NAME.tmp to write inside the block. On
+    success it takes the place of `path` (an old folder is renamed aside to NAME.deleting first, and
+    deleted after), so an interrupted write leaves the old folder whole, never a mix of old and new
+    files; on any error it is deleted and `path` is left as it was."""
+    path = Path(path)
+    tmp, aside = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".deleting")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(aside, ignore_errors=True)
+    if path.exists():
+        os.replace(path, aside)
+    os.replace(tmp, path)
+    fsync(path.parent)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def remove_folder(folder: Path) -> None:
+    """Delete a folder so that no half-deleted one ever sits under its name (rmtree removes files
+    one by one): rename it aside to NAME.deleting, atomically, then delete it."""
+    if folder.exists():
+        trash = folder.with_name(folder.name + ".deleting")
+        shutil.rmtree(trash, ignore_errors=True)
+        os.replace(folder, trash)
+        shutil.rmtree(trash, ignore_errors=True)
 
 
 def _mode_of(path: Path) -> int:

@@ -32,8 +32,9 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
+from .checkpoints import checkpoints_in, find_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig, load_toml  # noqa: F401 - TrainConfig and load_toml are used from here
-from .fileio import atomic_path, fsync, write_text
+from .fileio import atomic_path, remove_folder, write_text
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -62,13 +63,6 @@ def _snr_weights(alphas_cumprod: torch.Tensor, t: torch.Tensor, gamma: float, v_
     return torch.where(snr > 0, w, torch.zeros_like(w) if v_pred else torch.ones_like(w))
 
 
-def _atomic_save_tensors(tensors: dict[str, torch.Tensor], path: Path, metadata=None) -> None:
-    from safetensors.torch import save_file
-
-    with atomic_path(path) as tmp:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=metadata)
-
-
 def _make_optimizer(cfg: TrainConfig, groups):
     if cfg.optimizer == "adamw8bit":
         try:
@@ -78,136 +72,6 @@ def _make_optimizer(cfg: TrainConfig, groups):
                              "use --optimizer adamw") from None
         return bnb.optim.AdamW8bit(groups, weight_decay=cfg.weight_decay)
     return torch.optim.AdamW(groups, weight_decay=cfg.weight_decay)
-
-
-# ----------------------------------------------------------------------------- checkpoints
-
-def save_checkpoint(run: Path, step: int, named_params: dict[str, torch.nn.Parameter], optimizer,
-                    cfg: TrainConfig, *, scaler=None, identity: dict | None = None) -> Path:
-    """Full training state at `step` into run/checkpoints/step-N, written beside and renamed:
-    LoRA weights, optimizer state (tensors in safetensors; plain numbers, such as bitsandbytes'
-    step count, in state.json), fp16's gradient-scaler state, and `identity` (what a resume must
-    match: process count, base and dataset fingerprints)."""
-    final = run / "checkpoints" / f"step-{step:06d}"
-    tmp = final.with_name(final.name + ".tmp")
-    index = {id(p): n for n, p in named_params.items()}
-    moments, numbers = {}, {}
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            for k, v in optimizer.state.get(p, {}).items():
-                if torch.is_tensor(v):
-                    moments[f"{index[id(p)]}::{k}"] = v
-                elif isinstance(v, (int, float, bool)):
-                    numbers[f"{index[id(p)]}::{k}"] = v
-                else:
-                    raise TypeError(f"optimizer state {k!r} of type {type(v).__name__} cannot be checkpointed")
-    state = {"step": step, "config": cfg.summary(), "optimizer_numbers": numbers, "identity": identity or {}}
-    if scaler is not None:
-        state["grad_scaler"] = scaler.state_dict()
-    try:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        _atomic_save_tensors(dict(named_params), tmp / "lora.safetensors")
-        _atomic_save_tensors(moments, tmp / "optimizer.safetensors")
-        (tmp / "state.json").write_text(json.dumps(state, indent=2))
-        fsync(tmp / "state.json")
-    except OSError as e:  # e.g. a full disk: keep the last good checkpoint, say which one it is
-        shutil.rmtree(tmp, ignore_errors=True)
-        prev = sorted((run / "checkpoints").glob("step-??????"))
-        why = "no space left on device" if e.errno == errno.ENOSPC else (e.strerror or str(e))
-        raise OSError(e.errno, f"{why} while writing checkpoint {final}: free space (or fix the folder), then "
-                               f"resume with --resume {run}" + (f" (the last complete checkpoint, {prev[-1].name}, "
-                               "is intact)" if prev else " (there is no earlier checkpoint)")) from e
-    _discard(final)  # the same step saved again (a resume from an earlier checkpoint)
-    os.replace(tmp, final)
-    fsync(final.parent)
-    kept = sorted((run / "checkpoints").glob("step-??????"))
-    for old in kept[: max(0, len(kept) - cfg.keep_checkpoints)]:
-        _discard(old)
-    for stale in (run / "checkpoints").glob("step-*.deleting"):  # left by a run killed mid-delete
-        shutil.rmtree(stale, ignore_errors=True)
-    return final
-
-
-def _discard(folder: Path) -> None:
-    """Delete a checkpoint so that no half-deleted one ever sits under a step-N name (rmtree removes
-    files one by one): rename it aside, atomically, then delete it."""
-    if folder.exists():
-        trash = folder.with_name(folder.name + ".deleting")
-        shutil.rmtree(trash, ignore_errors=True)
-        os.replace(folder, trash)
-        shutil.rmtree(trash, ignore_errors=True)
-
-
-def find_checkpoint(path: str | os.PathLike) -> Path:
-    """A checkpoint folder, or the latest complete one inside a run folder."""
-    path = Path(path)
-    if (path / "state.json").is_file():
-        return path
-    found = sorted((path / "checkpoints").glob("step-??????")) + sorted(path.glob("step-??????"))
-    found = [p for p in found if (p / "state.json").is_file()]
-    if not found:
-        raise FileNotFoundError(f"no checkpoint in {path}: pass a run folder's checkpoints/step-N folder "
-                                "or a run folder that has one")
-    return found[-1]
-
-
-# Settings a resumed run may change: bookkeeping, the length of the run, and paths (a dataset or
-# base that moved). Anything else would make "resume" silently a different run.
-RESUME_MAY_CHANGE = {"steps", "log_every", "sample_every", "checkpoint_every", "keep_checkpoints", "cache",
-                     "dataset", "base"}
-
-
-IDENTITY_HINTS = {
-    "processes": "resume with the same number of processes (accelerate launch --num_processes N): each "
-                 "process's share of every batch depends on it",
-    "base_fingerprint": "resume with the base the checkpoint was trained on",
-    "dataset_fingerprint": "the images or captions changed since the checkpoint: resume with the same data, "
-                           "or start a new run (another --out)",
-}
-
-
-def load_checkpoint(ckpt: Path, named_params, optimizer, cfg: TrainConfig | None = None, *, scaler=None,
-                    identity: dict | None = None) -> int:
-    from safetensors.torch import load_file
-
-    try:
-        weights = load_file(str(ckpt / "lora.safetensors"))
-        moments = load_file(str(ckpt / "optimizer.safetensors"))
-        state = json.loads((ckpt / "state.json").read_text())
-        step, saved = state["step"], state.get("config", {})
-    except Exception as e:  # SafetensorError, OSError, JSON errors: all mean a damaged checkpoint
-        raise ValueError(f"checkpoint {ckpt} is damaged ({type(e).__name__}: {e}); resume from an earlier "
-                         "one by passing its folder to --resume") from e
-    if cfg is not None:
-        now = cfg.summary()
-        differ = [k for k in now if k in saved and k not in RESUME_MAY_CHANGE and saved[k] != now[k]]
-        if differ:
-            raise ValueError(f"checkpoint {ckpt} was trained with different settings: "
-                             + ", ".join(f"{k}={saved[k]!r} there, {now[k]!r} here" for k in differ)
-                             + ". Resume with the checkpoint's settings, or start a new run (another --out).")
-    then = state.get("identity", {})  # absent in checkpoints written before it was recorded
-    for k, v in (identity or {}).items():
-        if k in then and then[k] != v:
-            raise ValueError(f"checkpoint {ckpt} has {k} {then[k]!r}, this run {v!r}: {IDENTITY_HINTS[k]}")
-    missing = set(named_params) - set(weights)
-    wrong = [n for n in named_params if n in weights and weights[n].shape != named_params[n].shape]
-    if missing or wrong:
-        what = (f"missing {sorted(missing)[:3]}" if missing else
-                f"{wrong[0]} is {tuple(weights[wrong[0]].shape)} there, {tuple(named_params[wrong[0]].shape)} here")
-        raise ValueError(f"checkpoint {ckpt} does not match this run's LoRA layout ({what}): resume with the "
-                         "same targets, rank and base")
-    with torch.no_grad():
-        for n, p in named_params.items():
-            p.copy_(weights[n])
-    numbers = state.get("optimizer_numbers", {})
-    for n, p in named_params.items():
-        own = {k.split("::", 1)[1]: v for k, v in [*moments.items(), *numbers.items()] if k.split("::", 1)[0] == n}
-        if own:
-            optimizer.state[p] = own
-    if scaler is not None and "grad_scaler" in state:
-        scaler.load_state_dict(state["grad_scaler"])
-    return step
 
 
 # ----------------------------------------------------------------------------- the run
@@ -304,7 +168,7 @@ def train(cfg: TrainConfig, *, on_log: Callable[[dict], None] | None = None,
                  if not (ours and f.name[5:].isdigit() and int(f.name[5:]) <= start)]
         for folder in stale:
             if folder.name[5:].isdigit():
-                _discard(folder)
+                remove_folder(folder)
             else:  # .tmp / .deleting leftovers
                 shutil.rmtree(folder, ignore_errors=True)
         for grid in (run / "samples").glob("step-*.png"):  # grids of steps this run will (re)draw
@@ -475,7 +339,7 @@ def train(cfg: TrainConfig, *, on_log: Callable[[dict], None] | None = None,
             mean = accel.reduce(torch.tensor(sum(recent) / len(recent), device=dev), "mean").item()
             recent = []
             if not math.isfinite(mean):  # every process sees the same reduced value, so all stop
-                last = sorted((run / "checkpoints").glob("step-??????"))
+                last = checkpoints_in(run / "checkpoints")
                 raise ValueError(f"the loss is {mean} at step {done}: training diverged. Lower the learning rate "
                                  f"(--lr {cfg.lr:g} now; try {cfg.lr / 4:g})" + (
                                      f"; the last checkpoint before it is {last[-1]}" if last else ""))
@@ -516,7 +380,7 @@ def train(cfg: TrainConfig, *, on_log: Callable[[dict], None] | None = None,
         try:
             save_adapter(adapter, out)
         except OSError as e:
-            last = sorted((run / "checkpoints").glob("step-??????"))
+            last = checkpoints_in(run / "checkpoints")
             raise OSError(e.errno, f"{e.strerror or e}; the trained adapter was not written. " + (
                 f"Free space, then `--resume {run}` continues from {last[-1].name}" if last else
                 "There is no checkpoint to resume from: free space and train again")) from e

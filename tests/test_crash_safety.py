@@ -44,6 +44,7 @@ if os.environ.get("STYLELORA_TEST_KILL"):
     import sys
     from pathlib import Path
 
+    import stylelora.checkpoints as C
     import stylelora.train as T
 
     point, _, arg = os.environ["STYLELORA_TEST_KILL"].partition(":")
@@ -68,14 +69,14 @@ if os.environ.get("STYLELORA_TEST_KILL"):
         T.save_checkpoint = hooked
     elif point == "mid-file":  # checkpoint N: lora written, optimizer.safetensors half written
         from safetensors.torch import save
-        atomic_save = T._atomic_save_tensors
+        atomic_save = C._atomic_save_tensors
         def hooked(tensors, path, metadata=None):
             if path.parent.name == ckpt_tmp and path.name == "optimizer.safetensors":
                 data = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()})
                 path.with_name(path.name + ".tmp").write_bytes(data[: len(data) // 2])
                 die()
             return atomic_save(tensors, path, metadata)
-        T._atomic_save_tensors = hooked
+        C._atomic_save_tensors = hooked
     elif point in ("before-rename", "final-write"):
         replace = os.replace
         def hooked(src, dst, *args, **kwargs):

@@ -15,8 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -26,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageFilter
 
+from ..fileio import atomic_folder, atomic_path, write_text
 from . import render as W
 from .judge import to_tensor
 from .models import Judge, make_schedulers, make_text_encoder, make_unet, make_vae
@@ -223,19 +222,6 @@ def build_pipeline(vae, te, tokenizer, unet):
                                    requires_safety_checker=False)
 
 
-def _save_folder(write, final: Path) -> None:
-    """write(folder) into a fresh sibling folder, then swap it in: an interrupted save (an hour into
-    a rebuild) leaves the previous model whole, never a mix of old and new files."""
-    tmp, old = final.with_name(final.name + ".tmp"), final.with_name(final.name + ".old")
-    for leftover in (tmp, old):
-        shutil.rmtree(leftover, ignore_errors=True)
-    write(tmp)
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def pretrain(out: str | Path, cfg: PretrainConfig | None = None, stages=("judge", "vae", "unet")) -> None:
     """Train the requested stages and write them under `out` (judge.safetensors, base/)."""
     from safetensors.torch import save_file
@@ -248,8 +234,8 @@ def pretrain(out: str | Path, cfg: PretrainConfig | None = None, stages=("judge"
     if "judge" in stages:
         t = time.time()
         judge = train_judge(cfg)
-        save_file(judge.state_dict(), str(out / "judge.safetensors.tmp"))
-        os.replace(out / "judge.safetensors.tmp", out / "judge.safetensors")
+        with atomic_path(out / "judge.safetensors") as tmp:
+            save_file(judge.state_dict(), str(tmp))
         timings["judge_s"] = round(time.time() - t)
     tokenizer = build_tokenizer()
     if "vae" in stages:
@@ -271,12 +257,12 @@ def pretrain(out: str | Path, cfg: PretrainConfig | None = None, stages=("judge"
         te, unet = train_unet(cfg, vae, tokenizer)
         timings["unet_s"] = round(time.time() - t)
         pipe = build_pipeline(vae, te, tokenizer, unet)
-        _save_folder(lambda d: pipe.save_pretrained(d, safe_serialization=True), out / "base")
+        with atomic_folder(out / "base") as tmp:  # an interrupted save leaves the previous model whole
+            pipe.save_pretrained(tmp, safe_serialization=True)
     elif "vae" in stages or "vae-refine" in stages:  # VAE retrained alone: keep text encoder/UNet files untouched
-        _save_folder(lambda d: vae.save_pretrained(d, safe_serialization=True), out / "base" / "vae")
+        with atomic_folder(out / "base" / "vae") as tmp:
+            vae.save_pretrained(tmp, safe_serialization=True)
     record = out / "pretrain.json"  # stages may run separately: keep earlier stages' timings
     previous = json.loads(record.read_text())["timings"] if record.is_file() else {}
-    record.with_suffix(".tmp").write_text(json.dumps({"config": asdict(cfg), "timings": {**previous, **timings}},
-                                                     indent=2))
-    os.replace(record.with_suffix(".tmp"), record)
+    write_text(record, json.dumps({"config": asdict(cfg), "timings": {**previous, **timings}}, indent=2))
     print(json.dumps(timings))
