@@ -18,11 +18,9 @@ Design notes
 from __future__ import annotations
 
 import csv
-import errno
 import hashlib
 import json
 import math
-import os
 import shutil
 import time
 from contextlib import contextmanager
@@ -34,6 +32,7 @@ import torch.nn.functional as F
 
 from .checkpoints import checkpoints_in, find_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig, load_toml  # noqa: F401 - TrainConfig and load_toml are used from here
+from .data import split_tags
 from .fileio import atomic_path, remove_folder, write_text
 
 
@@ -83,22 +82,49 @@ def train(cfg: TrainConfig, *, on_log: Callable[[dict], None] | None = None,
     on_log(event) is called at every log step with {"step", "steps", "loss", "lr", "steps_per_s"}
     and after every sample grid with {"step", "steps", "sample": path}; should_stop() is polled
     once per step and ends the run early, writing the adapter as trained so far (a UI's Stop)."""
-    from accelerate import Accelerator
     from tqdm.auto import tqdm
 
-    from .adapters import adapter_from_pipeline, fingerprint, save_adapter
-    from .base import base_name, load_base, native_size
-    from .data import BucketBatchSampler, CaptionFolder, CaptionProcessor, discover, split_tags
-    from .lora import inject, text_encoder_targets, unet_targets
-    from .plots import plot_loss
+    run = _Run(cfg)  # paths checked; accelerator, base, data, LoRA and optimizer set up
+    start = run.resume()  # a checkpoint's state, and a run folder holding this run's states only
+    run.prepare()  # accelerate's wrappers, the noise schedule, caches, batches, trigger words
+    run.open_loss_log(start)
+    main = run.accel.is_main_process
+    bar = tqdm(total=cfg.steps, initial=start, disable=not (cfg.progress and main),
+               desc="train", unit="step", dynamic_ncols=True)
+    t0, recent = time.time(), []
+    done = start
+    for step in range(start, cfg.steps):
+        if should_stop is not None and should_stop():
+            if main:
+                print(f"stopped at step {done} of {cfg.steps}")
+            break
+        for g in run.optimizer.param_groups:
+            g["lr"] = g["base_lr"] * _lr_factor(cfg, step)
+        for micro in range(cfg.grad_accum):
+            recent.append(run.micro_step(step * cfg.grad_accum + micro))
+        done = step + 1
+        bar.update(1)
+        if done % cfg.log_every == 0 or done == cfg.steps:
+            mean = run.log_loss(done, recent)
+            recent = []
+            if main:
+                sps = (done - start) / (time.time() - t0)
+                bar.set_postfix(loss=f"{mean:.4f}", sps=f"{sps:.1f}")
+                if on_log is not None:
+                    on_log({"step": done, "steps": cfg.steps, "loss": mean,
+                            "lr": run.optimizer.param_groups[0]["lr"], "steps_per_s": sps})
+        if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.steps:
+            run.checkpoint(done)
+        if main and cfg.sample_every and (done % cfg.sample_every == 0 or done == cfg.steps):
+            sample_path = run.sample_grid(done)
+            if on_log is not None:
+                on_log({"step": done, "steps": cfg.steps, "sample": str(sample_path)})
+    bar.close()
+    return run.write_adapter(done, t0)
 
-    # Wrong paths fail here, before the base loads (a minute, for a full-size SD).
-    if not cfg.dataset:
-        raise ValueError("no dataset: set TrainConfig.dataset to a folder of images with same-stem captions")
-    if not Path(cfg.dataset).is_dir():
-        discover(cfg.dataset, cfg.caption_ext)  # raises, naming the path and the fix
-    ckpt = find_checkpoint(cfg.resume) if cfg.resume else None
 
+def _accelerator(cfg: TrainConfig):
+    from accelerate import Accelerator
     from accelerate.state import AcceleratorState
 
     # accelerate keeps one AcceleratorState per process and refuses a second Accelerator with another
@@ -108,273 +134,355 @@ def train(cfg: TrainConfig, *, on_log: Callable[[dict], None] | None = None,
         AcceleratorState._reset_state(reset_partial_state=False)
     accel = Accelerator(mixed_precision=cfg.mixed_precision, gradient_accumulation_steps=cfg.grad_accum,
                         cpu=cfg.device == "cpu")
-    dev = accel.device
-    if cfg.device not in ("auto", "cpu") and dev.type != cfg.device:
-        raise ValueError(f"device {cfg.device!r} asked for, but accelerate found none and picked {dev.type}: "
-                         "use --device auto or cpu (choose GPUs with CUDA_VISIBLE_DEVICES or accelerate launch)")
-    # Frozen weights in the mixed-precision dtype, the LoRA weights in float32 (as the diffusers
-    # examples do): the optimizer and fp16's gradient scaler need float32 parameters. The base is
-    # read straight into that dtype (not float32 first, then cast, as the examples do): peak memory
-    # is then the half-size copy. The fingerprint hashes at float16 precision, so under fp16 it is
-    # the released base's; under bf16 it is the bf16 copy's (the weights trained against).
-    weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision, torch.float32)
-    pipe = load_base(cfg.base, config=cfg.base_config, device=str(dev), dtype=weight_dtype)
-    base_fingerprint = fingerprint(pipe)
-    unet, te, vae, tok = pipe.unet, pipe.text_encoder, pipe.vae, pipe.tokenizer
-    for m in (unet, te, vae):
-        m.requires_grad_(False)
-    resolution = cfg.resolution or native_size(pipe)
-    data = CaptionFolder(cfg.dataset, resolution=resolution, caption_ext=cfg.caption_ext,
-                         captions=CaptionProcessor(cfg.trigger, cfg.shuffle_captions, cfg.keep_tokens,
-                                                   cfg.caption_dropout),
-                         bucket=cfg.bucket, bucket_step=pipe.vae_scale_factor, random_crop=cfg.random_crop,
-                         flip=cfg.flip, seed=cfg.seed)
-    if accel.is_main_process:
-        print("\n".join([data.report, *data.long_captions(tok)]))
+    if cfg.device not in ("auto", "cpu") and accel.device.type != cfg.device:
+        raise ValueError(f"device {cfg.device!r} asked for, but accelerate found none and picked "
+                         f"{accel.device.type}: use --device auto or cpu (choose GPUs with "
+                         "CUDA_VISIBLE_DEVICES or accelerate launch)")
+    return accel
 
-    # LoRA on the chosen targets; seeded so every process starts from the same A matrices.
-    torch.manual_seed(cfg.seed)
-    u_targets = unet_targets(unet, cfg.targets)
-    params = {"unet": inject(unet, u_targets, cfg.rank, cfg.effective_alpha, cfg.lora_dropout)}
-    t_targets = text_encoder_targets(te) if cfg.train_text_encoder else []
-    if t_targets:
-        params["text_encoder"] = inject(te, t_targets, cfg.rank, cfg.effective_alpha, cfg.lora_dropout)
-    for p in (p for group in params.values() for p in group):
-        p.data = p.data.float()
-    named = {f"unet.{n}": p for n, p in unet.named_parameters() if p.requires_grad}
-    named.update({f"text_encoder.{n}": p for n, p in te.named_parameters() if p.requires_grad})
-    if cfg.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-    te_lr = cfg.te_lr if cfg.te_lr is not None else cfg.lr / 2
-    groups = [{"params": params["unet"], "lr": cfg.lr, "base_lr": cfg.lr}]
-    if "text_encoder" in params:
-        groups.append({"params": params["text_encoder"], "lr": te_lr, "base_lr": te_lr})
-    optimizer = _make_optimizer(cfg, groups)
 
-    run = cfg.run_path
-    start = 0
-    # What a resume must match beyond the settings: checkpoints record it.
-    identity = {"processes": accel.num_processes, "base_fingerprint": base_fingerprint,
-                "dataset_fingerprint": data.fingerprint()}
-    scaler = getattr(accel, "scaler", None)  # fp16's GradScaler; None otherwise
+def _clean_run_folder(run: Path, ckpt: Path | None, start: int) -> None:
+    """The run folder holds this run's states only, so a later `--resume RUN` continues this run:
+    a new run removes every checkpoint there; a resume removes those it does not continue (later
+    steps of an abandoned branch, or all of them when resuming from another folder)."""
+    ours = ckpt is not None and ckpt.parent.resolve() == (run / "checkpoints").resolve()
+    stale = [f for f in sorted((run / "checkpoints").glob("step-*"))
+             if not (ours and f.name[5:].isdigit() and int(f.name[5:]) <= start)]
+    for folder in stale:
+        if folder.name[5:].isdigit():
+            remove_folder(folder)
+        else:  # .tmp / .deleting leftovers
+            shutil.rmtree(folder, ignore_errors=True)
+    for grid in (run / "samples").glob("step-*.png"):  # grids of steps this run will (re)draw
+        if not grid.stem[5:].isdigit() or int(grid.stem[5:]) > start:
+            grid.unlink(missing_ok=True)
+    if stale:
+        print(f"{'new run' if ckpt is None else 'resume'} in {run}: removed {len(stale)} checkpoint(s) "
+              f"{'of an earlier run' if ckpt is None else 'this run does not continue from'}")
     if ckpt is not None:
-        start = load_checkpoint(ckpt, named, optimizer, cfg, scaler=scaler, identity=identity)
-    if accel.is_main_process:
-        # The run folder holds this run's states only, so a later `--resume RUN` continues this run:
-        # a new run removes every checkpoint there; a resume removes those it does not continue
-        # (later steps of an abandoned branch, or all of them when resuming from another folder).
-        ours = ckpt is not None and ckpt.parent.resolve() == (run / "checkpoints").resolve()
-        stale = [f for f in sorted((run / "checkpoints").glob("step-*"))
-                 if not (ours and f.name[5:].isdigit() and int(f.name[5:]) <= start)]
-        for folder in stale:
-            if folder.name[5:].isdigit():
-                remove_folder(folder)
-            else:  # .tmp / .deleting leftovers
-                shutil.rmtree(folder, ignore_errors=True)
-        for grid in (run / "samples").glob("step-*.png"):  # grids of steps this run will (re)draw
-            if not grid.stem[5:].isdigit() or int(grid.stem[5:]) > start:
-                grid.unlink(missing_ok=True)
-        if stale:
-            print(f"{'new run' if ckpt is None else 'resume'} in {run}: removed {len(stale)} checkpoint(s) "
-                  f"{'of an earlier run' if ckpt is None else 'this run does not continue from'}")
-        if ckpt is not None:
-            print(f"resumed from {ckpt} at step {start}")
-    accel.wait_for_everyone()
+        print(f"resumed from {ckpt} at step {start}")
 
-    # Caches: exact only when nothing random touches pixels / captions / the text encoder.
-    cache_latents = cfg.cache and data.deterministic_pixels
-    cache_text = cfg.cache and data.cacheable_captions and not t_targets
-    latent_cache: dict[int, torch.Tensor] = {}
-    text_cache: dict[str, torch.Tensor] = {}
 
-    def encode_text(captions: list[str], grad: bool) -> torch.Tensor:
-        ids = tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                  return_tensors="pt").input_ids.to(dev)
-        with torch.set_grad_enabled(grad), accel.autocast():
-            return te(ids)[0]
-
-    @torch.no_grad()
-    def encode_images(pixels: torch.Tensor) -> torch.Tensor:
-        # The posterior mean: deterministic, so caching it is exact.
-        return vae.encode(pixels.to(dev, vae.dtype)).latent_dist.mode() * vae.config.scaling_factor
-
-    # Models in train mode only for LoRA dropout; base layers have no dropout/batchnorm to disturb.
-    unet, te, optimizer = accel.prepare(unet, te, optimizer)
-    unet.train()
-    te.train(bool(t_targets))
-    from diffusers import DDPMScheduler
-
-    noise_sched = DDPMScheduler.from_config(pipe.scheduler.config)
-    v_pred = noise_sched.config.prediction_type == "v_prediction"
-    alphas_cumprod = noise_sched.alphas_cumprod.to(dev)
-
-    # Prior preservation: the trigger words (given, or the tags every caption shares) are removed
-    # from each caption; the adapter must then reproduce the base (all LoRA layers off).
-    triggers = [w.strip() for w in (cfg.trigger or "").split(",") if w.strip()] or data.guess_triggers()
-    if cfg.preserve_weight and not triggers:
-        raise ValueError(f"preserve_weight needs trigger words to remove, and the captions in {cfg.dataset} share "
-                         "none: pass --trigger WORD")
-    raw_unet, raw_te = accel.unwrap_model(unet), accel.unwrap_model(te)
-    # The frozen base text encoder's embeddings never change: one cache serves the run (the same
-    # dict as text_cache when the text encoder is not trained, so no caption is encoded twice).
-    base_text_cache = text_cache if not t_targets else {}
-    cache_base_text = cfg.cache and data.cacheable_captions  # else every caption would stay in memory
-
-    def neutral(caption: str) -> str:
-        return ", ".join(t for t in split_tags(caption) if t not in triggers)
-
-    @contextmanager
-    def lora_off(model, off: bool = True):
+@contextmanager
+def _lora_off(model, off: bool = True):
+    """The model's LoRA layers off inside the block (the frozen base), when `off`."""
+    if off:
+        model.disable_adapters()
+    try:
+        yield
+    finally:
         if off:
-            model.disable_adapters()
-        try:
-            yield
-        finally:
-            if off:
-                model.enable_adapters()
+            model.enable_adapters()
+
+
+class _Run:
+    """One training run: the pieces train()'s loop calls, in the order it calls them. Every random
+    draw of a micro-batch (batch order, noise, timesteps, LoRA dropout) comes from seeds of (seed,
+    micro-batch, process), in the same order each time, so a resumed run replays them exactly."""
+
+    def __init__(self, cfg: TrainConfig):
+        from .adapters import fingerprint
+        from .base import load_base
+        from .data import discover
+
+        # Wrong paths fail here, before the base loads (a minute, for a full-size SD).
+        if not cfg.dataset:
+            raise ValueError("no dataset: set TrainConfig.dataset to a folder of images with same-stem captions")
+        if not Path(cfg.dataset).is_dir():
+            discover(cfg.dataset, cfg.caption_ext)  # raises, naming the path and the fix
+        self.cfg, self.run_dir = cfg, cfg.run_path
+        self.ckpt = find_checkpoint(cfg.resume) if cfg.resume else None
+        self.accel = _accelerator(cfg)
+        self.dev = self.accel.device
+        # Frozen weights in the mixed-precision dtype, the LoRA weights in float32 (as the diffusers
+        # examples do): the optimizer and fp16's gradient scaler need float32 parameters. The base is
+        # read straight into that dtype (not float32 first, then cast, as the examples do): peak memory
+        # is then the half-size copy. The fingerprint hashes at float16 precision, so under fp16 it is
+        # the released base's; under bf16 it is the bf16 copy's (the weights trained against).
+        self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(cfg.mixed_precision, torch.float32)
+        self.pipe = load_base(cfg.base, config=cfg.base_config, device=str(self.dev), dtype=self.weight_dtype)
+        self.base_fingerprint = fingerprint(self.pipe)
+        self.unet, self.te, self.vae, self.tok = (self.pipe.unet, self.pipe.text_encoder, self.pipe.vae,
+                                                  self.pipe.tokenizer)
+        for m in (self.unet, self.te, self.vae):
+            m.requires_grad_(False)
+        self.data = self._dataset()
+        self.optimizer = self._add_lora()
+        # What a resume must match beyond the settings: checkpoints record it.
+        self.identity = {"processes": self.accel.num_processes, "base_fingerprint": self.base_fingerprint,
+                         "dataset_fingerprint": self.data.fingerprint()}
+        self.scaler = getattr(self.accel, "scaler", None)  # fp16's GradScaler; None otherwise
+
+    def _dataset(self):
+        from .base import native_size
+        from .data import CaptionFolder, CaptionProcessor
+
+        cfg = self.cfg
+        data = CaptionFolder(cfg.dataset, resolution=cfg.resolution or native_size(self.pipe),
+                             caption_ext=cfg.caption_ext,
+                             captions=CaptionProcessor(cfg.trigger, cfg.shuffle_captions, cfg.keep_tokens,
+                                                       cfg.caption_dropout),
+                             bucket=cfg.bucket, bucket_step=self.pipe.vae_scale_factor,
+                             random_crop=cfg.random_crop, flip=cfg.flip, seed=cfg.seed)
+        if self.accel.is_main_process:
+            print("\n".join([data.report, *data.long_captions(self.tok)]))
+        return data
+
+    def _add_lora(self):
+        """LoRA on the chosen targets (float32), the trainable parameters by name, the optimizer."""
+        from .lora import inject, text_encoder_targets, unet_targets
+
+        cfg, unet, te = self.cfg, self.unet, self.te
+        # Seeded so every process starts from the same A matrices.
+        torch.manual_seed(cfg.seed)
+        u_targets = unet_targets(unet, cfg.targets)
+        params = {"unet": inject(unet, u_targets, cfg.rank, cfg.effective_alpha, cfg.lora_dropout)}
+        self.t_targets = text_encoder_targets(te) if cfg.train_text_encoder else []
+        if self.t_targets:
+            params["text_encoder"] = inject(te, self.t_targets, cfg.rank, cfg.effective_alpha, cfg.lora_dropout)
+        for p in (p for group in params.values() for p in group):
+            p.data = p.data.float()
+        self.named = {f"unet.{n}": p for n, p in unet.named_parameters() if p.requires_grad}
+        self.named.update({f"text_encoder.{n}": p for n, p in te.named_parameters() if p.requires_grad})
+        if cfg.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+        te_lr = cfg.te_lr if cfg.te_lr is not None else cfg.lr / 2
+        groups = [{"params": params["unet"], "lr": cfg.lr, "base_lr": cfg.lr}]
+        if "text_encoder" in params:
+            groups.append({"params": params["text_encoder"], "lr": te_lr, "base_lr": te_lr})
+        return _make_optimizer(cfg, groups)
+
+    def resume(self) -> int:
+        """Load the checkpoint being resumed (if any); clean the run folder. Returns the first step."""
+        start = 0
+        if self.ckpt is not None:
+            start = load_checkpoint(self.ckpt, self.named, self.optimizer, self.cfg, scaler=self.scaler,
+                                    identity=self.identity)
+        if self.accel.is_main_process:
+            _clean_run_folder(self.run_dir, self.ckpt, start)
+        self.accel.wait_for_everyone()
+        return start
+
+    def prepare(self) -> None:
+        from diffusers import DDPMScheduler
+
+        from .data import BucketBatchSampler, split_tags
+
+        cfg, accel, data = self.cfg, self.accel, self.data
+        # Caches: exact only when nothing random touches pixels / captions / the text encoder.
+        self.cache_latents = cfg.cache and data.deterministic_pixels
+        self.cache_text = cfg.cache and data.cacheable_captions and not self.t_targets
+        self.latent_cache: dict[int, torch.Tensor] = {}
+        self.text_cache: dict[str, torch.Tensor] = {}
+        # Models in train mode only for LoRA dropout; base layers have no dropout/batchnorm to disturb.
+        self.unet, self.te, self.optimizer = accel.prepare(self.unet, self.te, self.optimizer)
+        self._train_mode()
+        self.noise_sched = DDPMScheduler.from_config(self.pipe.scheduler.config)
+        self.v_pred = self.noise_sched.config.prediction_type == "v_prediction"
+        self.alphas_cumprod = self.noise_sched.alphas_cumprod.to(self.dev)
+        # Prior preservation: the trigger words (given, or the tags every caption shares) are removed
+        # from each caption; the adapter must then reproduce the base (all LoRA layers off).
+        self.triggers = split_tags(cfg.trigger or "") or data.guess_triggers()
+        if cfg.preserve_weight and not self.triggers:
+            raise ValueError(f"preserve_weight needs trigger words to remove, and the captions in {cfg.dataset} "
+                             "share none: pass --trigger WORD")
+        self.raw_unet, self.raw_te = accel.unwrap_model(self.unet), accel.unwrap_model(self.te)
+        # The frozen base text encoder's embeddings never change: one cache serves the run (the same
+        # dict as text_cache when the text encoder is not trained, so no caption is encoded twice).
+        self.base_text_cache = self.text_cache if not self.t_targets else {}
+        self.cache_base_text = cfg.cache and data.cacheable_captions  # else every caption would stay in memory
+        self.sampler = BucketBatchSampler(data, cfg.batch_size, seed=cfg.seed)
+        self.epochs: dict[int, list[list[int]]] = {}
+        self.per_epoch = max(1, len(self.sampler.batches(0)) // accel.num_processes)
+        self.prompts = cfg.sample_prompts or [data.caption_for_sampling(i) for i in range(min(4, data.n_images))]
+
+    def _train_mode(self) -> None:
+        self.unet.train()
+        self.te.train(bool(self.t_targets))
+
+    # --- batches and caches
+
+    def _batch_indices(self, micro: int) -> list[int]:
+        """Micro-batch `micro` of this process: epoch order is a pure function of (seed, epoch)."""
+        epoch, k = divmod(micro, self.per_epoch)
+        if epoch not in self.epochs:
+            self.epochs.clear()
+            self.epochs[epoch] = self.sampler.batches(epoch)
+        self.data.set_epoch(epoch)  # new crops, flips and caption shuffles each epoch
+        batches = self.epochs[epoch]
+        return batches[(k * self.accel.num_processes + self.accel.process_index) % len(batches)]
+
+    def _batch(self, micro: int) -> tuple[torch.Tensor, list[str]]:
+        """Latents and captions of micro-batch `micro`."""
+        data, batch = self.data, self._batch_indices(micro)
+        if self.cache_latents:  # keyed by image: repeats share one latent, and cached images are not decoded
+            items = [data.sample(i, pixels=data.item_of(i) not in self.latent_cache) for i in batch]
+            missing = {it["item"]: it for it in items if "pixel_values" in it}
+            if missing:
+                lat = self._encode_images(torch.stack([it["pixel_values"] for it in missing.values()]))
+                self.latent_cache.update({k: l.cpu() for k, l in zip(missing, lat)})
+            latents = torch.stack([self.latent_cache[it["item"]] for it in items]).to(self.dev)
+        else:
+            items = [data.sample(i) for i in batch]
+            latents = self._encode_images(torch.stack([it["pixel_values"] for it in items]))
+        return latents, [it["caption"] for it in items]
 
     @torch.no_grad()
-    def cached_text(captions: list[str], cache: dict[str, torch.Tensor], base: bool = False) -> torch.Tensor:
+    def _encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
+        # The posterior mean: deterministic, so caching it is exact.
+        vae = self.vae
+        return vae.encode(pixels.to(self.dev, vae.dtype)).latent_dist.mode() * vae.config.scaling_factor
+
+    def _encode_text(self, captions: list[str], grad: bool) -> torch.Tensor:
+        tok = self.tok
+        ids = tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                  return_tensors="pt").input_ids.to(self.dev)
+        with torch.set_grad_enabled(grad), self.accel.autocast():
+            return self.te(ids)[0]
+
+    @torch.no_grad()
+    def _cached_text(self, captions: list[str], cache: dict[str, torch.Tensor], base: bool = False) -> torch.Tensor:
         new = [c for c in dict.fromkeys(captions) if c not in cache]
         if new:
-            with lora_off(raw_te, base and bool(t_targets)):
-                cache.update(zip(new, encode_text(new, grad=False)))
+            with _lora_off(self.raw_te, base and bool(self.t_targets)):
+                cache.update(zip(new, self._encode_text(new, grad=False)))
         return torch.stack([cache[c] for c in captions])
 
-    @torch.no_grad()
-    def base_prediction(noisy: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        with lora_off(raw_unet), accel.autocast():
-            return raw_unet(noisy.to(weight_dtype), t, cond.to(weight_dtype)).sample.float()
+    def _text(self, captions: list[str]) -> torch.Tensor:
+        if self.cache_text:
+            return self._cached_text(captions, self.text_cache)
+        return self._encode_text(captions, grad=bool(self.t_targets))
 
-    sampler = BucketBatchSampler(data, cfg.batch_size, seed=cfg.seed)
-    epochs: dict[int, list[list[int]]] = {}
-    per_epoch = max(1, len(sampler.batches(0)) // accel.num_processes)
+    # --- the loss
 
-    def batch_at(micro: int) -> list[int]:
-        # Micro-batch `micro` of this process: epoch order is a pure function of (seed, epoch).
-        epoch, k = divmod(micro, per_epoch)
-        if epoch not in epochs:
-            epochs.clear()
-            epochs[epoch] = sampler.batches(epoch)
-        data.set_epoch(epoch)  # new crops, flips and caption shuffles each epoch
-        batches = epochs[epoch]
-        return batches[(k * accel.num_processes + accel.process_index) % len(batches)]
+    def micro_step(self, micro: int) -> float:
+        """Forward, loss and backward of one micro-batch (the optimizer steps when the accumulation
+        is complete). Returns the loss."""
+        cfg, accel, dtype = self.cfg, self.accel, self.weight_dtype
+        # One seed per (run, step, micro-batch, process): resume replays the same draws.
+        torch.manual_seed(_seed_for(cfg.seed, micro, accel.process_index))
+        gen = torch.Generator().manual_seed(_seed_for(cfg.seed, micro, accel.process_index, "noise"))
+        latents, captions = self._batch(micro)
+        cond = self._text(captions)
+        noisy, t, target = self._noised(latents, gen)
+        n = len(captions)
+        if cfg.preserve_weight:
+            noisy, t, cond, target = self._with_preservation(captions, noisy, t, cond, target)
+        with accel.accumulate(self.unet), accel.autocast():
+            pred = self.unet(noisy.to(dtype), t, cond.to(dtype)).sample.float()
+            loss = F.mse_loss(pred, target.float(), reduction="none").mean(dim=(1, 2, 3))
+            if cfg.min_snr_gamma:
+                loss = loss * _snr_weights(self.alphas_cumprod, t, cfg.min_snr_gamma, self.v_pred)
+            loss = loss[:n].mean() + (cfg.preserve_weight * loss[n:].mean() if cfg.preserve_weight else 0)
+            accel.backward(loss)
+            if accel.sync_gradients and cfg.max_grad_norm:
+                accel.clip_grad_norm_([p for g in self.optimizer.param_groups for p in g["params"]],
+                                      cfg.max_grad_norm)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        return loss.item()
 
-    log_rows: list[tuple[int, float, float]] = []
-    log_path = run / "loss.csv"
-    if accel.is_main_process:
-        (run / "samples").mkdir(parents=True, exist_ok=True)
-        if start == 0 or not log_path.is_file():
-            log_path.write_text("step,loss,lr\n")
+    def _noised(self, latents: torch.Tensor, gen: torch.Generator):
+        """Noisy latents, timesteps and the prediction target (noise, or velocity for v-prediction)."""
+        noise = torch.randn(latents.shape, generator=gen).to(self.dev, latents.dtype)  # (B, 4, h, w)
+        if self.cfg.noise_offset:
+            noise += self.cfg.noise_offset * torch.randn(latents.shape[:2] + (1, 1), generator=gen).to(self.dev)
+        t = torch.randint(0, len(self.alphas_cumprod), (len(latents),), generator=gen).to(self.dev)
+        noisy = self.noise_sched.add_noise(latents, noise, t)
+        return noisy, t, self.noise_sched.get_velocity(latents, noise, t) if self.v_pred else noise
+
+    def _with_preservation(self, captions, noisy, t, cond, target):
+        """One forward over [styled captions; neutral captions] on the same noisy latents: the neutral
+        half's target is the frozen base's prediction."""
+        plain = [", ".join(w for w in split_tags(c) if w not in self.triggers) for c in captions]
+        base_cond = self._cached_text(plain, self.base_text_cache if self.cache_base_text else {}, base=True)
+        with torch.no_grad(), _lora_off(self.raw_unet), self.accel.autocast():
+            dtype = self.weight_dtype
+            base_pred = self.raw_unet(noisy.to(dtype), t, base_cond.to(dtype)).sample.float()
+        plain_cond = self._encode_text(plain, grad=True) if self.t_targets else base_cond
+        return (torch.cat([noisy, noisy]), torch.cat([t, t]), torch.cat([cond, plain_cond]),
+                torch.cat([target, base_pred]))
+
+    # --- the loss log, checkpoints, samples
+
+    def open_loss_log(self, start: int) -> None:
+        self.log_path = self.run_dir / "loss.csv"
+        if not self.accel.is_main_process:
+            return
+        (self.run_dir / "samples").mkdir(parents=True, exist_ok=True)
+        if start == 0 or not self.log_path.is_file():
+            self.log_path.write_text("step,loss,lr\n")
         else:  # drop rows past the checkpoint so the curve has no duplicate steps
-            with log_path.open() as f:
+            with self.log_path.open() as f:
                 rows = list(csv.reader(f))[1:]
-            write_text(log_path, "step,loss,lr\n" + "".join(f"{','.join(r)}\n" for r in rows
-                                                          if r and r[0].isdigit() and int(r[0]) <= start))
-    prompts = cfg.sample_prompts or [data.caption_for_sampling(i) for i in range(min(4, data.n_images))]
+            write_text(self.log_path, "step,loss,lr\n" + "".join(f"{','.join(r)}\n" for r in rows
+                                                               if r and r[0].isdigit() and int(r[0]) <= start))
 
-    bar = tqdm(total=cfg.steps, initial=start, disable=not (cfg.progress and accel.is_main_process),
-               desc="train", unit="step", dynamic_ncols=True)
-    t0, recent = time.time(), []
-    done = start
-    for step in range(start, cfg.steps):
-        if should_stop is not None and should_stop():
-            if accel.is_main_process:
-                print(f"stopped at step {done} of {cfg.steps}")
-            break
-        for g in optimizer.param_groups:
-            g["lr"] = g["base_lr"] * _lr_factor(cfg, step)
-        for micro in range(cfg.grad_accum):
-            index = step * cfg.grad_accum + micro
-            # One seed per (run, step, micro-batch, process): resume replays the same draws.
-            torch.manual_seed(_seed_for(cfg.seed, index, accel.process_index))
-            gen = torch.Generator().manual_seed(_seed_for(cfg.seed, index, accel.process_index, "noise"))
-            batch = batch_at(index)
-            if cache_latents:  # keyed by image: repeats share one latent, and cached images are not decoded
-                items = [data.sample(i, pixels=data.item_of(i) not in latent_cache) for i in batch]
-                missing = {it["item"]: it for it in items if "pixel_values" in it}
-                if missing:
-                    lat = encode_images(torch.stack([it["pixel_values"] for it in missing.values()]))
-                    latent_cache.update({k: l.cpu() for k, l in zip(missing, lat)})
-                latents = torch.stack([latent_cache[it["item"]] for it in items]).to(dev)
-            else:
-                items = [data.sample(i) for i in batch]
-                latents = encode_images(torch.stack([it["pixel_values"] for it in items]))
-            captions = [it["caption"] for it in items]
-            if cache_text:
-                cond = cached_text(captions, text_cache)
-            else:
-                cond = encode_text(captions, grad=bool(t_targets))
-            noise = torch.randn(latents.shape, generator=gen).to(dev, latents.dtype)  # (B, 4, h, w)
-            if cfg.noise_offset:
-                noise += cfg.noise_offset * torch.randn(latents.shape[:2] + (1, 1), generator=gen).to(dev)
-            t = torch.randint(0, len(alphas_cumprod), (len(items),), generator=gen).to(dev)
-            noisy = noise_sched.add_noise(latents, noise, t)
-            target = noise_sched.get_velocity(latents, noise, t) if v_pred else noise
-            n = len(items)
-            if cfg.preserve_weight:
-                # One forward over [styled captions; neutral captions] on the same noisy latents.
-                plain = [neutral(c) for c in captions]
-                base_cond = cached_text(plain, base_text_cache if cache_base_text else {}, base=True)
-                base_pred = base_prediction(noisy, t, base_cond)
-                plain_cond = encode_text(plain, grad=True) if t_targets else base_cond
-                noisy, t = torch.cat([noisy, noisy]), torch.cat([t, t])
-                cond, target = torch.cat([cond, plain_cond]), torch.cat([target, base_pred])
-            with accel.accumulate(unet), accel.autocast():
-                pred = unet(noisy.to(weight_dtype), t, cond.to(weight_dtype)).sample.float()
-                loss = F.mse_loss(pred, target.float(), reduction="none").mean(dim=(1, 2, 3))
-                if cfg.min_snr_gamma:
-                    loss = loss * _snr_weights(alphas_cumprod, t, cfg.min_snr_gamma, v_pred)
-                loss = loss[:n].mean() + (cfg.preserve_weight * loss[n:].mean() if cfg.preserve_weight else 0)
-                accel.backward(loss)
-                if accel.sync_gradients and cfg.max_grad_norm:
-                    accel.clip_grad_norm_([p for g in optimizer.param_groups for p in g["params"]],
-                                          cfg.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            recent.append(loss.item())
-        done = step + 1
-        bar.update(1)
-        if done % cfg.log_every == 0 or done == cfg.steps:
-            mean = accel.reduce(torch.tensor(sum(recent) / len(recent), device=dev), "mean").item()
-            recent = []
-            if not math.isfinite(mean):  # every process sees the same reduced value, so all stop
-                last = checkpoints_in(run / "checkpoints")
-                raise ValueError(f"the loss is {mean} at step {done}: training diverged. Lower the learning rate "
-                                 f"(--lr {cfg.lr:g} now; try {cfg.lr / 4:g})" + (
-                                     f"; the last checkpoint before it is {last[-1]}" if last else ""))
-            if accel.is_main_process:
-                lr_now = optimizer.param_groups[0]["lr"]
-                log_rows.append((done, mean, lr_now))
-                with log_path.open("a") as f:
-                    f.write(f"{done},{mean:.6f},{lr_now:.3e}\n")
-                sps = (done - start) / (time.time() - t0)
-                bar.set_postfix(loss=f"{mean:.4f}", sps=f"{sps:.1f}")
-                if on_log is not None:
-                    on_log({"step": done, "steps": cfg.steps, "loss": mean, "lr": lr_now, "steps_per_s": sps})
-        if cfg.checkpoint_every and done % cfg.checkpoint_every == 0 and done < cfg.steps:
-            accel.wait_for_everyone()
-            if accel.is_main_process:
-                save_checkpoint(run, done, named, optimizer, cfg, scaler=scaler, identity=identity)
-        if accel.is_main_process and cfg.sample_every and (done % cfg.sample_every == 0 or done == cfg.steps):
-            sample_path = run / "samples" / f"step-{done:06d}.png"
-            _save_samples(pipe, accel, unet, te, prompts, sample_path)
-            if on_log is not None:
-                on_log({"step": done, "steps": cfg.steps, "sample": str(sample_path)})
-            unet.train()
-            te.train(bool(t_targets))
-    bar.close()
-    accel.wait_for_everyone()
-    out = Path(cfg.out)
-    if accel.is_main_process:
-        pipe.unet, pipe.text_encoder = accel.unwrap_model(unet), accel.unwrap_model(te)
+    def log_loss(self, done: int, recent: list[float]) -> float:
+        """The mean loss since the last log row, over all processes; a row of loss.csv. A non-finite
+        loss stops the run (every process sees the same reduced value, so all stop)."""
+        mean = self.accel.reduce(torch.tensor(sum(recent) / len(recent), device=self.dev), "mean").item()
+        if not math.isfinite(mean):
+            last = checkpoints_in(self.run_dir / "checkpoints")
+            lr = self.cfg.lr
+            raise ValueError(f"the loss is {mean} at step {done}: training diverged. Lower the learning rate "
+                             f"(--lr {lr:g} now; try {lr / 4:g})" + (
+                                 f"; the last checkpoint before it is {last[-1]}" if last else ""))
+        if self.accel.is_main_process:
+            with self.log_path.open("a") as f:
+                f.write(f"{done},{mean:.6f},{self.optimizer.param_groups[0]['lr']:.3e}\n")
+        return mean
+
+    def checkpoint(self, done: int) -> None:
+        self.accel.wait_for_everyone()
+        if self.accel.is_main_process:
+            save_checkpoint(self.run_dir, done, self.named, self.optimizer, self.cfg, scaler=self.scaler,
+                            identity=self.identity)
+
+    @torch.no_grad()
+    def sample_grid(self, done: int) -> Path:
+        """A grid of the sample prompts at this step (main process only), written atomically."""
+        from .generate import generate_images
+        from .grid import image_grid
+
+        path = self.run_dir / "samples" / f"step-{done:06d}.png"
+        pipe, accel = self.pipe, self.accel
+        pipe.unet, pipe.text_encoder = accel.unwrap_model(self.unet), accel.unwrap_model(self.te)
+        pipe.unet.eval(), pipe.text_encoder.eval()
+        with accel.autocast():  # frozen weights may be half precision, the LoRA weights float32
+            images = generate_images(pipe, self.prompts, list(range(len(self.prompts))))
+        with atomic_path(path) as tmp:
+            image_grid([images]).save(tmp)
+        self._train_mode()
+        return path
+
+    # --- the adapter
+
+    def write_adapter(self, done: int, t0: float) -> Path:
+        """The trained adapter to cfg.out (main process), with its metadata; then the loss plot."""
+        self.accel.wait_for_everyone()
+        out = Path(self.cfg.out)
+        if self.accel.is_main_process:
+            self._save_adapter(out, done, t0)
+            print(f"wrote {out} ({out.stat().st_size / 1e3:.0f} kB); run folder {self.run_dir}")
+            self._plot_loss()
+        self.accel.wait_for_everyone()
+        self.accel.end_training()
+        return out
+
+    def _save_adapter(self, out: Path, done: int, t0: float) -> None:
+        from .adapters import adapter_from_pipeline, save_adapter
+        from .base import base_name
+
+        cfg, run, pipe = self.cfg, self.run_dir, self.pipe
+        pipe.unet, pipe.text_encoder = self.accel.unwrap_model(self.unet), self.accel.unwrap_model(self.te)
         adapter = adapter_from_pipeline(pipe, metadata={
             "stylelora.base_name": base_name(cfg.base),
-            "stylelora.base_fingerprint": base_fingerprint,
-            "stylelora.trigger_words": json.dumps(triggers),
+            "stylelora.base_fingerprint": self.base_fingerprint,
+            "stylelora.trigger_words": json.dumps(self.triggers),
             "stylelora.training": json.dumps({**cfg.summary(), "steps_done": done,
                                               "seconds": round(time.time() - t0, 1)}),
-            "stylelora.dataset": json.dumps(data.summary()),
+            "stylelora.dataset": json.dumps(self.data.summary()),
         })
         out.parent.mkdir(parents=True, exist_ok=True)
         try:
@@ -384,24 +492,11 @@ def train(cfg: TrainConfig, *, on_log: Callable[[dict], None] | None = None,
             raise OSError(e.errno, f"{e.strerror or e}; the trained adapter was not written. " + (
                 f"Free space, then `--resume {run}` continues from {last[-1].name}" if last else
                 "There is no checkpoint to resume from: free space and train again")) from e
-        print(f"wrote {out} ({out.stat().st_size / 1e3:.0f} kB); run folder {run}")
+
+    def _plot_loss(self) -> None:
+        from .plots import plot_loss
+
         try:  # after the adapter: a damaged log must not cost the trained weights
-            plot_loss(log_path, run / "loss.png")
+            plot_loss(self.log_path, self.run_dir / "loss.png")
         except Exception as e:  # noqa: BLE001 - the plot is a convenience
-            print(f"warning: no loss plot ({type(e).__name__}: {e}); the log is {log_path}")
-    accel.wait_for_everyone()
-    accel.end_training()
-    return out
-
-
-@torch.no_grad()
-def _save_samples(pipe, accel, unet, te, prompts: list[str], path: Path) -> None:
-    from .generate import generate_images
-    from .grid import image_grid
-
-    pipe.unet, pipe.text_encoder = accel.unwrap_model(unet), accel.unwrap_model(te)
-    pipe.unet.eval(), pipe.text_encoder.eval()
-    with accel.autocast():  # frozen weights may be half precision, the LoRA weights float32
-        images = generate_images(pipe, prompts, list(range(len(prompts))))
-    with atomic_path(path) as tmp:
-        image_grid([images]).save(tmp)
+            print(f"warning: no loss plot ({type(e).__name__}: {e}); the log is {self.log_path}")
