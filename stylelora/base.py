@@ -93,25 +93,7 @@ def load_base(spec: str | os.PathLike | None = None, *, config: str | os.PathLik
         raise FileNotFoundError(f"base model {path} does not exist: pass a diffusers folder, a "
                                 ".safetensors checkpoint, or 'embedded'")
     if path.is_dir():
-        if not (path / "model_index.json").is_file():
-            raise ValueError(f"{path} is not a diffusers pipeline folder (no model_index.json)")
-        try:
-            # use_safetensors=True: a folder holding only .bin weights would be unpickled otherwise.
-            # A half-precision load goes through float32 first: diffusers' own cast reads every
-            # float32 page of the memory-mapped files into RAM (SD1.5: +4 GB peak); float32 tensors
-            # stay mapped but unread, and _cast_from_files reads them one at a time instead.
-            load_dt = torch.float32 if dt in (torch.float16, torch.bfloat16) else dt
-            pipe = StableDiffusionPipeline.from_pretrained(path, local_files_only=True, dtype=load_dt,
-                                                           use_safetensors=True, safety_checker=None,
-                                                           requires_safety_checker=False)
-            if load_dt != dt:
-                _cast_from_files(pipe, path, dt)
-        except OSError as e:
-            if any(path.rglob("*.bin")):
-                raise ValueError(f"{path} holds pickle (.bin) weights, which can run code when loaded; "
-                                 "stylelora only loads .safetensors. Re-save the pipeline with "
-                                 "save_pretrained(..., safe_serialization=True).") from e
-            raise ValueError(f"could not load the diffusers folder {path}: {e}") from e
+        pipe = _load_folder(path, dt)
     elif path.suffix.lower() in PICKLE_SUFFIXES:
         raise ValueError(f"{path} is a pickle-based checkpoint, which can run code when loaded; "
                          "stylelora only loads .safetensors. Convert it to .safetensors first.")
@@ -129,6 +111,32 @@ def load_base(spec: str | os.PathLike | None = None, *, config: str | os.PathLik
         raise ValueError(f"don't know how to load base {path}: expected a diffusers folder or a .safetensors file")
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(dev)
+
+
+def _load_folder(path: Path, dt: torch.dtype):
+    """A diffusers pipeline folder, safetensors weights only, in dtype `dt`."""
+    from diffusers import StableDiffusionPipeline
+
+    if not (path / "model_index.json").is_file():
+        raise ValueError(f"{path} is not a diffusers pipeline folder (no model_index.json)")
+    try:
+        # use_safetensors=True: a folder holding only .bin weights would be unpickled otherwise.
+        # A half-precision load goes through float32 first: diffusers' own cast reads every
+        # float32 page of the memory-mapped files into RAM (SD1.5: +4 GB peak); float32 tensors
+        # stay mapped but unread, and _cast_from_files reads them one at a time instead.
+        load_dt = torch.float32 if dt in (torch.float16, torch.bfloat16) else dt
+        pipe = StableDiffusionPipeline.from_pretrained(path, local_files_only=True, dtype=load_dt,
+                                                       use_safetensors=True, safety_checker=None,
+                                                       requires_safety_checker=False)
+        if load_dt != dt:
+            _cast_from_files(pipe, path, dt)
+    except OSError as e:
+        if any(path.rglob("*.bin")):
+            raise ValueError(f"{path} holds pickle (.bin) weights, which can run code when loaded; "
+                             "stylelora only loads .safetensors. Re-save the pipeline with "
+                             "save_pretrained(..., safe_serialization=True).") from e
+        raise ValueError(f"could not load the diffusers folder {path}: {e}") from e
+    return pipe
 
 
 _SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}

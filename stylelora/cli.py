@@ -9,6 +9,7 @@ import os
 import sys
 from pathlib import Path
 
+from .config import DEFAULT_GUIDANCE, DEFAULT_STEPS, TrainConfig, add_config_flags, load_toml
 from .fileio import atomic_path
 
 
@@ -216,7 +217,6 @@ def cmd_generate(args) -> None:
 
 
 def cmd_train(args) -> None:
-    from .config import TrainConfig, load_toml
     from .train import train
 
     values = load_toml(args.config) if args.config else {}
@@ -244,11 +244,18 @@ def cmd_ui(args) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from .config import DEFAULT_GUIDANCE, DEFAULT_STEPS, TrainConfig, add_config_flags
-
     parser = argparse.ArgumentParser(prog="stylelora", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
+    _add_world(sub)
+    _add_train(sub)
+    _add_eval(sub)
+    _add_adapter_tools(sub)
+    _add_generate(sub)
+    _add_ui(sub)
+    return parser
 
+
+def _add_world(sub) -> None:
     world = sub.add_parser("world", help="the embedded shapes world: render data, styles, judge, pretrain")
     wsub = world.add_subparsers(dest="world_command", required=True)
     p = wsub.add_parser("render", help="write PNG + caption pairs in a style")
@@ -272,6 +279,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_world_pretrain)
 
+
+def _add_train(sub) -> None:
     p = sub.add_parser("train", help="train a LoRA style adapter on a folder of captioned images",
                        argument_default=argparse.SUPPRESS)
     p.add_argument("dataset", nargs="?", help="folder of images with same-stem captions")
@@ -279,6 +288,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_config_flags(p, TrainConfig, skip=("dataset",))
     p.set_defaults(func=cmd_train)
 
+
+def _add_eval(sub) -> None:
     p = sub.add_parser("eval", help="judge a base (+ adapters) on held-out prompts")
     _add_base(p)
     p.add_argument("--adapter", action="append", default=[], metavar="PATH[:SCALE[:TE_SCALE]]",
@@ -295,6 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True)
     p.set_defaults(func=cmd_export_base)
 
+
+def _add_adapter_tools(sub) -> None:
     p = sub.add_parser("inspect", help="show an adapter file's rank, alpha, targets, base, trigger words, size")
     p.add_argument("file")
     p.add_argument("--json", action="store_true")
@@ -312,6 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--out", required=True)
     p.set_defaults(func=cmd_merge)
 
+
+def _add_generate(sub) -> None:
     p = sub.add_parser("generate", help="generate an image with a base and stacked adapters")
     p.add_argument("prompt", help="the prompt; A1111 <lora:NAME:SCALE> tags load ADAPTERS_DIR/NAME.safetensors")
     p.add_argument("--negative", default=None)
@@ -331,6 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--out", required=True, help="output image (.png)")
     p.set_defaults(func=cmd_generate)
 
+
+def _add_ui(sub) -> None:
     p = sub.add_parser("ui", help="web UI: generate with per-adapter sliders, train, manage adapters")
     p.add_argument("--adapters", default="adapters", help="adapter folder (default: ./adapters)")
     p.add_argument("--datasets", default="datasets", help="the Train tab's dataset folders (default: ./datasets)")
@@ -340,7 +357,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--auth", default=os.environ.get("STYLELORA_UI_AUTH"), metavar="USER:PASS",
                    help="require this login (or set STYLELORA_UI_AUTH, which keeps it out of `ps`)")
     p.set_defaults(func=cmd_ui)
-    return parser
 
 
 def process_defaults() -> None:
