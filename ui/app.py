@@ -34,7 +34,10 @@ import tempfile
 import threading
 import time
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from types import SimpleNamespace
+from typing import Any, NamedTuple
 
 import gradio as gr
 
@@ -42,8 +45,45 @@ from stylelora.blend import MODES
 from stylelora.fileio import write_text
 
 MAX_SLOTS = 8
-SLOT_FIELDS = 5  # per slot, in the generate inputs: name, enabled, strength, x UNet, x text encoder
-N_LISTS = MAX_SLOTS * 7 + 3  # outputs of StyleloraUI.refresh: 7 per slot, the note, two pickers
+
+
+class Slot(NamedTuple):
+    """One adapter row of the Generate tab, declared once. Its fields, in this order, are the row's
+    inputs to /generate and /sweep: a record of components in the layout, of values in a request
+    (the defaults are a fresh row's values). A new per-adapter control is one field here, its
+    widget in _slot_row and its use in StyleloraUI._request."""
+
+    name: Any = ""  # hidden textbox: the adapter's name
+    on: Any = False  # checkbox labelled with the name
+    strength: Any = 1.0
+    unet: Any = 1.0  # × UNet
+    te: Any = 1.0  # × text encoder
+
+    SLIDERS = ("strength", "unet", "te")  # what a refresh keeps for an adapter still in its row
+
+    @classmethod
+    def split(cls, values) -> list[Slot]:
+        """The flat per-slot inputs of an endpoint, one Slot each."""
+        n = len(cls._fields)
+        return [cls(*values[i : i + n]) for i in range(0, len(values), n)]
+
+
+@dataclass
+class SlotRow:
+    """A slot's widgets: its Slot of input components, the group shown or hidden and the trigger
+    words button. `outputs` is what StyleloraUI.refresh returns per slot, in this order."""
+
+    group: gr.Group
+    inputs: Slot
+    add: gr.Button
+
+    @property
+    def outputs(self) -> list:
+        return [self.group, *self.inputs, self.add]
+
+
+SLOT_OUTPUTS = len(Slot._fields) + 2  # per slot in StyleloraUI.refresh: group, the fields, trigger button
+N_LISTS = MAX_SLOTS * SLOT_OUTPUTS + 3  # outputs of StyleloraUI.refresh: the slots, the note, two pickers
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 MB = 2**20
 DATASET_EXTS = (".bmp", ".gif", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp", ".txt", ".jsonl")
@@ -217,10 +257,9 @@ class StyleloraUI:
 
         text, tags = parse_prompt_loras(prompt or "", self.adapters_dir)
         wanted = {}
-        for i in range(0, len(slots), SLOT_FIELDS):
-            name, on, s, u, t = slots[i : i + SLOT_FIELDS]
-            if name and on:
-                wanted[name] = (float(s), float(u), float(t))
+        for slot in Slot.split(slots):
+            if slot.name and slot.on:
+                wanted[slot.name] = (float(slot.strength), float(slot.unet), float(slot.te))
         wanted.update({path.stem: (w, 1.0, 1.0) for path, w in tags})
         return text, wanted
 
@@ -280,9 +319,11 @@ class StyleloraUI:
             name = names[i] if i < len(names) else ""
             same = name == current[i]
             trig = self.triggers(name) if name else []
-            out += [gr.update(visible=bool(name)), name, gr.update(label=name or "-", **({} if same else {"value": False})),
-                    *([gr.skip()] * 3 if same else [1.0, 1.0, 1.0]),
-                    gr.update(value="+ " + ", ".join(trig), visible=bool(trig))]
+            if same:  # the adapter keeps its row: keep its checkbox and sliders
+                row = Slot(name, gr.update(label=name or "-"), **dict.fromkeys(Slot.SLIDERS, gr.skip()))
+            else:  # a new adapter in this row starts off, at the defaults
+                row = Slot(name, gr.update(label=name or "-", value=False))
+            out += [gr.update(visible=bool(name)), *row, gr.update(value="+ " + ", ".join(trig), visible=bool(trig))]
         more = f"; the first {MAX_SLOTS} have sliders, use `<lora:name:w>` for the rest" if len(names) > MAX_SLOTS else ""
         out.append(f"{len(names)} adapter(s) in `{_shown(self.adapters_dir)}`{more}")
         out.append(gr.update(choices=names, value=pick if pick in names else None))
@@ -488,143 +529,188 @@ class StyleloraUI:
 def build_app(adapters_dir="adapters", base=None, **options) -> gr.Blocks:
     """The Blocks app. options: datasets_dir, base_config, device, max_adapter_mb, max_dataset_mb.
     The StyleloraUI behind it is `app.stylelora`."""
-    from stylelora.evaluate import DEFAULT_GUIDANCE, DEFAULT_STEPS
-    from stylelora.lora import UNET_PRESETS
-    from stylelora.train import TrainConfig
-
     ui = StyleloraUI(adapters_dir, base, **options)
     names = ui.adapter_names()
     with gr.Blocks(title="stylelora") as app:
         app.stylelora = ui
-        with gr.Tab("Generate") as gen_tab:
-            with gr.Row():
-                with gr.Column(scale=3):
-                    prompt = gr.Textbox(label="prompt (<lora:name:weight> adds an adapter)", elem_id="prompt",
-                                        value="a red star on a white background")
-                    negative = gr.Textbox(label="negative prompt")
-                    with gr.Row():
-                        seed = gr.Number(0, label="seed", precision=0, minimum=0)
-                        dice = gr.Button("random seed", size="sm")
-                        steps = gr.Slider(1, 100, DEFAULT_STEPS, step=1, label="steps")
-                        guidance = gr.Slider(0, 15, DEFAULT_GUIDANCE, step=0.5, label="guidance")
-                        size = gr.Slider(32, 4 * ui.native, ui.native, step=16, label="size (px)")
-                    mode = gr.Radio(list(MODES), value="merge", label="composition")
-                    note = gr.Markdown()
-                    slots, slot_outputs = [], []
-                    for i in range(MAX_SLOTS):
-                        here = names[i] if i < len(names) else ""
-                        trig = ui.triggers(here) if here else []
-                        with gr.Group(visible=bool(here), elem_id=f"slot{i}") as group:
-                            name = gr.Textbox(here, visible=False)
-                            with gr.Row():
-                                on = gr.Checkbox(False, label=here or "-", elem_id=f"slot{i}-on")
-                                strength = gr.Slider(-1, 2, 1.0, step=0.05, label="strength", scale=3,
-                                                     elem_id=f"slot{i}-strength")
-                                add = gr.Button("+ " + ", ".join(trig), visible=bool(trig), size="sm")
-                            with gr.Accordion("UNet / text encoder", open=False):
-                                with gr.Row():
-                                    unet = gr.Slider(-1, 2, 1.0, step=0.05, label="× UNet")
-                                    te = gr.Slider(-1, 2, 1.0, step=0.05, label="× text encoder")
-                        add.click(ui.add_triggers, [prompt, name], prompt, api_visibility="private")
-                        slots += [name, on, strength, unet, te]
-                        slot_outputs += [group, name, on, strength, unet, te, add]
-                    refresh_btn = gr.Button("↻ refresh adapters", size="sm")
-                with gr.Column(scale=2):
-                    go = gr.Button("Generate", variant="primary", elem_id="generate")
-                    image = gr.Image(label="image", type="pil", format="png", elem_id="output-image",
-                                     interactive=False, height=320)
-                    settings = gr.JSON(label="settings", elem_id="settings")
-                    strengths = gr.Textbox("0, 0.5, 1, 1.5", label="sweep strengths")
-                    sweep_btn = gr.Button("Strength sweep")
-                    grid = gr.Image(label="adapters × strengths", type="pil", format="png", interactive=False,
-                                    elem_id="sweep-grid")
-
-        with gr.Tab("Train"):
-            with gr.Row():
-                with gr.Column():
-                    dataset = gr.Dropdown(ui.datasets(), label="dataset: a datasets/ folder, or type an absolute path",
-                                          allow_custom_value=True, elem_id="dataset")
-                    load_btn = gr.Button("Load captions", size="sm")
-                    files = gr.File(label="…or upload images + .txt captions, or a .zip", file_count="multiple")
-                    with gr.Row():
-                        new_ds = gr.Textbox(label="name for the uploaded dataset")
-                        import_btn = gr.Button("Import upload", size="sm")
-                    table = gr.Dataframe(headers=["image", "caption"], type="array", interactive=True,
-                                         label="captions (editable)")
-                    save_btn = gr.Button("Save captions", size="sm")
-                    data_note = gr.Markdown()
-                with gr.Column():
-                    d = TrainConfig()
-                    adapter_name = gr.Textbox(label="adapter name", elem_id="train-name")
-                    trigger = gr.Textbox(label="trigger word(s)", placeholder="e.g. pastel")
-                    with gr.Row():
-                        train_steps = gr.Number(d.steps, label="steps", precision=0, minimum=1, elem_id="train-steps")
-                        rank = gr.Number(d.rank, label="rank", precision=0, minimum=1)
-                        lr = gr.Number(d.lr, label="learning rate", minimum=0)
-                    targets = gr.Radio(list(UNET_PRESETS), value=d.targets, label="LoRA on the UNet's",
-                                       info="cross-attn: the default; attn-ff: for styles you will stack with others "
-                                            "(measured to combine better, see the README)", elem_id="train-targets")
-                    with gr.Row():
-                        start = gr.Button("Start", variant="primary", elem_id="train-start")
-                        stop = gr.Button("Stop", variant="stop")
-                    progress = gr.HTML(elem_id="train-progress")
-                    loss_plot = gr.LinePlot(x="step", y="loss", label="loss", height=220)
-                    sample = gr.Image(label="latest samples", type="pil", format="png", interactive=False,
-                                      elem_id="train-samples")
-                    timer = gr.Timer(1.0, active=False)
-
-        with gr.Tab("Adapters"):
-            with gr.Row():
-                pick = gr.Dropdown(names, value=None, label="adapter", elem_id="adapter-pick")
-                adapters_refresh = gr.Button("↻", size="sm", scale=0)
-            info = gr.JSON(label="metadata")
-            with gr.Row():
-                fmt = gr.Radio(["kohya", "diffusers"], value="kohya", label="convert to")
-                conv_name = gr.Textbox(label="new name (default: <name>-<format>)")
-                conv_btn = gr.Button("Convert", size="sm")
-            with gr.Row():
-                chosen = gr.Dropdown(names, multiselect=True, label="merge these")
-                weights = gr.Textbox(label="weights (one per adapter)", placeholder="0.5, 0.5")
-                merge_rank = gr.Number(0, label="rank (0 = exact)", precision=0, minimum=0)
-                merge_name = gr.Textbox(label="merged name")
-                merge_btn = gr.Button("Merge", size="sm")
-            with gr.Row():
-                confirm = gr.Checkbox(label="yes, delete the adapter picked above")
-                del_btn = gr.Button("Delete", variant="stop", size="sm")
-            upload = gr.File(label="upload a .safetensors adapter", file_types=[".safetensors"])
-            status = gr.Markdown()
-
-        # --- wiring
-        lists = slot_outputs + [note, pick, chosen]
-        current = slots[::SLOT_FIELDS] + [pick, chosen]
-        for event in (app.load, refresh_btn.click, adapters_refresh.click, gen_tab.select):
-            event(ui.refresh, current, lists, show_progress="hidden", api_visibility="private")
-        common = [prompt, negative, seed, steps, guidance, size, mode]
-        for event in (go.click, prompt.submit):
-            event(_friendly(ui.generate), common + slots, [image, settings], api_name="generate",
-                  concurrency_limit=4, concurrency_id="render")
-        sweep_btn.click(_friendly(ui.sweep), common + [strengths] + slots, grid, api_name="sweep",
-                        concurrency_id="render")
-        dice.click(lambda: random.randrange(2**31), None, seed, api_visibility="private")
-        load_btn.click(_friendly(ui.load_captions), dataset, [table, data_note])
-        save_btn.click(_friendly(ui.save_captions), [dataset, table], data_note)
-        import_btn.click(_friendly(ui.import_dataset), [files, new_ds], [dataset, table, data_note])
-        start.click(_friendly(ui.start_training), [dataset, adapter_name, trigger, train_steps, rank, lr, targets],
-                    [progress, timer], api_name="train")
-        stop.click(ui.stop_training, None, progress)
-        app.load(lambda: gr.Timer(active=ui.job is not None and ui.job.running), None, timer,  # reopened page
-                 api_visibility="private")
-        timer.tick(ui.poll, current, [progress, loss_plot, sample, timer] + lists, show_progress="hidden",
-                   concurrency_limit=None, api_visibility="private")
-        pick.change(_friendly(ui.inspect), pick, info, api_visibility="private")
-        for btn, fn, inputs in ((conv_btn, ui.convert, [pick, fmt, conv_name]),
-                                (merge_btn, ui.merge, [chosen, weights, merge_name, merge_rank]),
-                                (del_btn, ui.delete, [pick, confirm]), (upload, ui.upload, [upload])):
-            event = btn.upload if btn is upload else btn.click
-            event(_friendly(fn), inputs, status).success(ui.refresh, current, lists, show_progress="hidden",
-                                                         api_visibility="private")
-        del_btn.click(lambda: False, None, confirm, api_visibility="private")  # confirm each delete anew
+        gen = _generate_tab(ui, names)
+        train = _train_tab(ui)
+        adapters = _adapters_tab(names)
+        _wire(app, ui, gen, train, adapters)
     return app
+
+
+def _slot_row(ui: StyleloraUI, i: int, here: str, prompt: gr.Textbox) -> SlotRow:
+    """Slot i's widgets, showing adapter `here` ("" = hidden until a refresh fills it)."""
+    trig = ui.triggers(here) if here else []
+    fresh = Slot()
+    with gr.Group(visible=bool(here), elem_id=f"slot{i}") as group:
+        name = gr.Textbox(here, visible=False)
+        with gr.Row():
+            on = gr.Checkbox(fresh.on, label=here or "-", elem_id=f"slot{i}-on")
+            strength = gr.Slider(-1, 2, fresh.strength, step=0.05, label="strength", scale=3,
+                                 elem_id=f"slot{i}-strength")
+            add = gr.Button("+ " + ", ".join(trig), visible=bool(trig), size="sm")
+        with gr.Accordion("UNet / text encoder", open=False):
+            with gr.Row():
+                unet = gr.Slider(-1, 2, fresh.unet, step=0.05, label="× UNet")
+                te = gr.Slider(-1, 2, fresh.te, step=0.05, label="× text encoder")
+    add.click(ui.add_triggers, [prompt, name], prompt, api_visibility="private")
+    return SlotRow(group, Slot(name=name, on=on, strength=strength, unet=unet, te=te), add)
+
+
+def _generate_tab(ui: StyleloraUI, names: list[str]) -> SimpleNamespace:
+    """Prompt and settings, one SlotRow per adapter slot, the image and the strength sweep."""
+    from stylelora.evaluate import DEFAULT_GUIDANCE, DEFAULT_STEPS
+
+    with gr.Tab("Generate") as tab:
+        with gr.Row():
+            with gr.Column(scale=3):
+                prompt = gr.Textbox(label="prompt (<lora:name:weight> adds an adapter)", elem_id="prompt",
+                                    value="a red star on a white background")
+                negative = gr.Textbox(label="negative prompt")
+                with gr.Row():
+                    seed = gr.Number(0, label="seed", precision=0, minimum=0)
+                    dice = gr.Button("random seed", size="sm")
+                    steps = gr.Slider(1, 100, DEFAULT_STEPS, step=1, label="steps")
+                    guidance = gr.Slider(0, 15, DEFAULT_GUIDANCE, step=0.5, label="guidance")
+                    size = gr.Slider(32, 4 * ui.native, ui.native, step=16, label="size (px)")
+                mode = gr.Radio(list(MODES), value="merge", label="composition")
+                note = gr.Markdown()
+                rows = [_slot_row(ui, i, names[i] if i < len(names) else "", prompt) for i in range(MAX_SLOTS)]
+                refresh_btn = gr.Button("↻ refresh adapters", size="sm")
+            with gr.Column(scale=2):
+                go = gr.Button("Generate", variant="primary", elem_id="generate")
+                image = gr.Image(label="image", type="pil", format="png", elem_id="output-image",
+                                 interactive=False, height=320)
+                settings = gr.JSON(label="settings", elem_id="settings")
+                strengths = gr.Textbox("0, 0.5, 1, 1.5", label="sweep strengths")
+                sweep_btn = gr.Button("Strength sweep")
+                grid = gr.Image(label="adapters × strengths", type="pil", format="png", interactive=False,
+                                elem_id="sweep-grid")
+    return SimpleNamespace(tab=tab, prompt=prompt, negative=negative, seed=seed, dice=dice, steps=steps,
+                           guidance=guidance, size=size, mode=mode, note=note, rows=rows, refresh_btn=refresh_btn,
+                           go=go, image=image, settings=settings, strengths=strengths, sweep_btn=sweep_btn,
+                           grid=grid)
+
+
+def _train_tab(ui: StyleloraUI) -> SimpleNamespace:
+    """Dataset (pick, upload, edit captions) on the left; the run's settings and progress on the right."""
+    from stylelora.lora import UNET_PRESETS
+    from stylelora.train import TrainConfig
+
+    with gr.Tab("Train"):
+        with gr.Row():
+            with gr.Column():
+                dataset = gr.Dropdown(ui.datasets(), label="dataset: a datasets/ folder, or type an absolute path",
+                                      allow_custom_value=True, elem_id="dataset")
+                load_btn = gr.Button("Load captions", size="sm")
+                files = gr.File(label="…or upload images + .txt captions, or a .zip", file_count="multiple")
+                with gr.Row():
+                    new_ds = gr.Textbox(label="name for the uploaded dataset")
+                    import_btn = gr.Button("Import upload", size="sm")
+                table = gr.Dataframe(headers=["image", "caption"], type="array", interactive=True,
+                                     label="captions (editable)")
+                save_btn = gr.Button("Save captions", size="sm")
+                data_note = gr.Markdown()
+            with gr.Column():
+                d = TrainConfig()
+                adapter_name = gr.Textbox(label="adapter name", elem_id="train-name")
+                trigger = gr.Textbox(label="trigger word(s)", placeholder="e.g. pastel")
+                with gr.Row():
+                    steps = gr.Number(d.steps, label="steps", precision=0, minimum=1, elem_id="train-steps")
+                    rank = gr.Number(d.rank, label="rank", precision=0, minimum=1)
+                    lr = gr.Number(d.lr, label="learning rate", minimum=0)
+                targets = gr.Radio(list(UNET_PRESETS), value=d.targets, label="LoRA on the UNet's",
+                                   info="cross-attn: the default; attn-ff: for styles you will stack with others "
+                                        "(measured to combine better, see the README)", elem_id="train-targets")
+                with gr.Row():
+                    start = gr.Button("Start", variant="primary", elem_id="train-start")
+                    stop = gr.Button("Stop", variant="stop")
+                progress = gr.HTML(elem_id="train-progress")
+                loss_plot = gr.LinePlot(x="step", y="loss", label="loss", height=220)
+                sample = gr.Image(label="latest samples", type="pil", format="png", interactive=False,
+                                  elem_id="train-samples")
+                timer = gr.Timer(1.0, active=False)
+    return SimpleNamespace(dataset=dataset, load_btn=load_btn, files=files, new_ds=new_ds, import_btn=import_btn,
+                           table=table, save_btn=save_btn, data_note=data_note, adapter_name=adapter_name,
+                           trigger=trigger, steps=steps, rank=rank, lr=lr, targets=targets, start=start, stop=stop,
+                           progress=progress, loss_plot=loss_plot, sample=sample, timer=timer)
+
+
+def _adapters_tab(names: list[str]) -> SimpleNamespace:
+    """Inspect, convert, merge, delete and upload adapters."""
+    with gr.Tab("Adapters"):
+        with gr.Row():
+            pick = gr.Dropdown(names, value=None, label="adapter", elem_id="adapter-pick")
+            refresh_btn = gr.Button("↻", size="sm", scale=0)
+        info = gr.JSON(label="metadata")
+        with gr.Row():
+            fmt = gr.Radio(["kohya", "diffusers"], value="kohya", label="convert to")
+            conv_name = gr.Textbox(label="new name (default: <name>-<format>)")
+            conv_btn = gr.Button("Convert", size="sm")
+        with gr.Row():
+            chosen = gr.Dropdown(names, multiselect=True, label="merge these")
+            weights = gr.Textbox(label="weights (one per adapter)", placeholder="0.5, 0.5")
+            merge_rank = gr.Number(0, label="rank (0 = exact)", precision=0, minimum=0)
+            merge_name = gr.Textbox(label="merged name")
+            merge_btn = gr.Button("Merge", size="sm")
+        with gr.Row():
+            confirm = gr.Checkbox(label="yes, delete the adapter picked above")
+            del_btn = gr.Button("Delete", variant="stop", size="sm")
+        upload = gr.File(label="upload a .safetensors adapter", file_types=[".safetensors"])
+        status = gr.Markdown()
+    return SimpleNamespace(pick=pick, refresh_btn=refresh_btn, info=info, fmt=fmt, conv_name=conv_name,
+                           conv_btn=conv_btn, chosen=chosen, weights=weights, merge_rank=merge_rank,
+                           merge_name=merge_name, merge_btn=merge_btn, confirm=confirm, del_btn=del_btn,
+                           upload=upload, status=status)
+
+
+def _wire(app: gr.Blocks, ui: StyleloraUI, gen: SimpleNamespace, train: SimpleNamespace,
+          adapters: SimpleNamespace) -> None:
+    """Events. `current` (the slots' names, the pickers) goes into every refresh, `lists` out of it."""
+    lists = [c for row in gen.rows for c in row.outputs] + [gen.note, adapters.pick, adapters.chosen]
+    current = [row.inputs.name for row in gen.rows] + [adapters.pick, adapters.chosen]
+    for event in (app.load, gen.refresh_btn.click, adapters.refresh_btn.click, gen.tab.select):
+        event(ui.refresh, current, lists, show_progress="hidden", api_visibility="private")
+    _wire_generate(ui, gen)
+    _wire_train(app, ui, train, current, lists)
+    _wire_adapters(ui, adapters, current, lists)
+
+
+def _wire_generate(ui: StyleloraUI, gen: SimpleNamespace) -> None:
+    slots = [c for row in gen.rows for c in row.inputs]
+    common = [gen.prompt, gen.negative, gen.seed, gen.steps, gen.guidance, gen.size, gen.mode]
+    for event in (gen.go.click, gen.prompt.submit):
+        event(_friendly(ui.generate), common + slots, [gen.image, gen.settings], api_name="generate",
+              concurrency_limit=4, concurrency_id="render")
+    gen.sweep_btn.click(_friendly(ui.sweep), common + [gen.strengths] + slots, gen.grid, api_name="sweep",
+                        concurrency_id="render")
+    gen.dice.click(lambda: random.randrange(2**31), None, gen.seed, api_visibility="private")
+
+
+def _wire_train(app: gr.Blocks, ui: StyleloraUI, t: SimpleNamespace, current: list, lists: list) -> None:
+    t.load_btn.click(_friendly(ui.load_captions), t.dataset, [t.table, t.data_note])
+    t.save_btn.click(_friendly(ui.save_captions), [t.dataset, t.table], t.data_note)
+    t.import_btn.click(_friendly(ui.import_dataset), [t.files, t.new_ds], [t.dataset, t.table, t.data_note])
+    t.start.click(_friendly(ui.start_training), [t.dataset, t.adapter_name, t.trigger, t.steps, t.rank, t.lr,
+                                                 t.targets], [t.progress, t.timer], api_name="train")
+    t.stop.click(ui.stop_training, None, t.progress)
+    app.load(lambda: gr.Timer(active=ui.job is not None and ui.job.running), None, t.timer,  # reopened page
+             api_visibility="private")
+    t.timer.tick(ui.poll, current, [t.progress, t.loss_plot, t.sample, t.timer] + lists, show_progress="hidden",
+                 concurrency_limit=None, api_visibility="private")
+
+
+def _wire_adapters(ui: StyleloraUI, a: SimpleNamespace, current: list, lists: list) -> None:
+    a.pick.change(_friendly(ui.inspect), a.pick, a.info, api_visibility="private")
+    for btn, fn, inputs in ((a.conv_btn, ui.convert, [a.pick, a.fmt, a.conv_name]),
+                            (a.merge_btn, ui.merge, [a.chosen, a.weights, a.merge_name, a.merge_rank]),
+                            (a.del_btn, ui.delete, [a.pick, a.confirm]), (a.upload, ui.upload, [a.upload])):
+        event = btn.upload if btn is a.upload else btn.click
+        event(_friendly(fn), inputs, a.status).success(ui.refresh, current, lists, show_progress="hidden",
+                                                       api_visibility="private")
+    a.del_btn.click(lambda: False, None, a.confirm, api_visibility="private")  # confirm each delete anew
 
 
 # Tiny base images (64 px) shown large and sharp instead of as blurry thumbnails.
