@@ -133,6 +133,7 @@ def test_caption_table_echo_capped_and_long_captions_kept(app):
     for stem, caption in (("long", "z" * 10_000), ("huge", "\0" * (MAX_CAPTION_BYTES + 10)), ("short", "a cat")):
         (ds / f"{stem}.png").write_bytes(png_bytes())
         (ds / f"{stem}.txt").write_text(caption)
+    (ds / "dangling.txt").symlink_to(ds / "nowhere.txt")  # the size scan must not trip on it
     before = listing(ds)
     reply = app[2].predict("longcaps", api_name="/load_captions")
     assert len(json.dumps(reply)) < 4 * CAPTION_SHOWN * 6 + 4000, "the reply echoes whole captions"

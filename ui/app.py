@@ -153,15 +153,22 @@ def oversized_captions(folder: Path) -> list[str]:
     big = []
     for dirpath, dirnames, filenames in os.walk(folder):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for f in sorted(filenames):
+        for f in sorted(f for f in filenames if f.lower().endswith(".txt") and not f.startswith(".")):
             path = Path(dirpath, f)
-            if f.lower().endswith(".txt") and not f.startswith(".") and path.stat().st_size > MAX_CAPTION_BYTES:
-                big.append(f"{path.relative_to(folder).as_posix()} ({path.stat().st_size // 1024} kB)")
+            try:
+                size = path.stat().st_size
+            except OSError:  # a dangling link, say: discover reports what it cannot read
+                continue
+            if size > MAX_CAPTION_BYTES:
+                big.append(f"{path.relative_to(folder).as_posix()} ({size // 1024} kB)")
     meta = folder / "metadata.jsonl"
-    if meta.is_file() and meta.stat().st_size > MAX_CAPTION_BYTES:
-        with open(meta, "rb") as f:
-            big += [f"metadata.jsonl line {n} ({len(line) // 1024} kB)" for n, line in enumerate(f, 1)
-                    if len(line) > MAX_CAPTION_BYTES]
+    try:
+        if meta.is_file() and meta.stat().st_size > MAX_CAPTION_BYTES:
+            with open(meta, "rb") as f:
+                big += [f"metadata.jsonl line {n} ({len(line) // 1024} kB)" for n, line in enumerate(f, 1)
+                        if len(line) > MAX_CAPTION_BYTES]
+    except OSError:  # unreadable: discover says so
+        pass
     return big
 
 
@@ -224,7 +231,8 @@ def extract_zip(src: Path, dest: Path, budget: list[int], max_files: int = 10_00
         raise ValueError(f"{src.name} is not a zip file stylelora can read ({e})") from None
 
 
-def _unpack_member(z: zipfile.ZipFile, info: zipfile.ZipInfo, target: Path, budget: list[int], zip_name: str):
+def _unpack_member(z: zipfile.ZipFile, info: zipfile.ZipInfo, target: Path, budget: list[int],
+                   zip_name: str) -> None:
     """One member to `target` (never over an existing file), counting the bytes written against
     budget[0]; a caption stops at MAX_CAPTION_BYTES."""
     caption = target.suffix.lower() == ".txt"
