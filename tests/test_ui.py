@@ -90,16 +90,16 @@ def served(tiny_base, ui_dirs):
 def request(prompt="a red star on a white background", seed=0, steps=6, mode="merge", size=64,
             adapters: dict | None = None, negative="", guidance=5.0, slot_names=None) -> list:
     """Positional inputs of the /generate endpoint; adapters = {name: strength or (s, unet, te)}."""
-    from ui.app import MAX_SLOTS
+    from ui.app import MAX_SLOTS, Slot
 
     adapters = adapters or {}
     names = slot_names or ["dotty", "inky"]  # sorted: the slots' order
-    slots = []
+    fresh, slots = Slot(), []  # a fresh row: the defaults
     for i in range(MAX_SLOTS):
         name = names[i] if i < len(names) else ""
         s = adapters.get(name)
-        s, u, t = s if isinstance(s, tuple) else (1.0 if s is None else s, 1.0, 1.0)
-        slots += [name, name in adapters, s, u, t]
+        s, u, t = s if isinstance(s, tuple) else (fresh.strength if s is None else s, fresh.unet, fresh.te)
+        slots += Slot(name=name, on=name in adapters, strength=s, unet=u, te=t)
     return [prompt, negative, seed, steps, guidance, size, mode] + slots
 
 
@@ -372,7 +372,9 @@ def test_training_from_the_app(served, ui_dirs):
         time.sleep(0.5)
     assert not ui.job.running and ui.job.error is None, ui.job.error
     assert ui.job.step == 12 and ui.job.rows and ui.job.sample
-    out = ui.poll(*([""] * 8), None, [])
+    from ui.app import MAX_SLOTS
+
+    out = ui.poll(*([""] * MAX_SLOTS), None, [])
     assert "12/12" in out[0] and "done" in out[0]
     assert "quick" in ui.adapter_names() and ui.triggers("quick") == ["pastel"]
     from stylelora.adapters import load_adapter

@@ -16,12 +16,15 @@ Design notes
   past the slots are reachable with `<lora:name:weight>` in the prompt.
 - Training runs in a background thread with its own pipe (train() loads it) and the page polls it
   with a gr.Timer. One training at a time per app: the machines this targets have few cores.
+- No adapter or dataset name is in the built app: the page's load event fills the lists (gradio
+  serves the app's API description, choices and defaults included, before --auth's login).
 - Browser input never becomes a path by itself: names must match NAME_RE and resolve inside the
   configured folders; uploads are size-limited, zips unpacked confined, adapters validated.
 """
 
 from __future__ import annotations
 
+import errno
 import functools
 import html
 import os
@@ -30,11 +33,14 @@ import re
 import secrets
 import shutil
 import stat
-import tempfile
+import struct
 import threading
 import time
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from types import SimpleNamespace
+from typing import Any, NamedTuple
 
 import gradio as gr
 
@@ -42,11 +48,54 @@ from stylelora.blend import MODES
 from stylelora.fileio import write_text
 
 MAX_SLOTS = 8
-SLOT_FIELDS = 5  # per slot, in the generate inputs: name, enabled, strength, x UNet, x text encoder
-N_LISTS = MAX_SLOTS * 7 + 3  # outputs of StyleloraUI.refresh: 7 per slot, the note, two pickers
+
+
+class Slot(NamedTuple):
+    """One adapter row of the Generate tab, declared once. Its fields, in this order, are the row's
+    inputs to /generate and /sweep: a record of components in the layout, of values in a request
+    (the defaults are a fresh row's values). A new per-adapter control is one field here, its
+    widget in _slot_row and its use in StyleloraUI._request."""
+
+    name: Any = ""  # hidden textbox: the adapter's name
+    on: Any = False  # checkbox labelled with the name
+    strength: Any = 1.0
+    unet: Any = 1.0  # × UNet
+    te: Any = 1.0  # × text encoder
+
+    SLIDERS = ("strength", "unet", "te")  # what a refresh keeps for an adapter still in its row
+
+    @classmethod
+    def split(cls, values) -> list[Slot]:
+        """The flat per-slot inputs of an endpoint, one Slot each."""
+        n = len(cls._fields)
+        return [cls(*values[i : i + n]) for i in range(0, len(values), n)]
+
+
+@dataclass
+class SlotRow:
+    """A slot's widgets: its Slot of input components, the group shown or hidden and the trigger
+    words button. `outputs` is what StyleloraUI.refresh returns per slot, in this order."""
+
+    group: gr.Group
+    inputs: Slot
+    add: gr.Button
+
+    @property
+    def outputs(self) -> list:
+        return [self.group, *self.inputs, self.add]
+
+
+SLOT_OUTPUTS = len(Slot._fields) + 2  # per slot in StyleloraUI.refresh: group, the fields, trigger button
+N_LISTS = MAX_SLOTS * SLOT_OUTPUTS + 3  # outputs of StyleloraUI.refresh: the slots, the note, two pickers
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 MB = 2**20
 DATASET_EXTS = (".bmp", ".gif", ".jpeg", ".jpg", ".png", ".tif", ".tiff", ".webp", ".txt", ".jsonl")
+try:
+    from stylelora.data import MAX_CAPTION_BYTES
+except ImportError:  # stylelora/data.py gains the same cap (issue 14); until then the UI's own
+    MAX_CAPTION_BYTES = 64 * 1024
+CAPTION_SHOWN = 500  # characters of one caption the table shows; the rest is cut and marked
+MAX_PROMPT_CHARS = 2000  # prompt, negative prompt, sweep strengths, trigger words
 
 
 def safe_child(folder: Path, name: str, suffix: str = "") -> Path:
@@ -64,6 +113,81 @@ def safe_child(folder: Path, name: str, suffix: str = "") -> Path:
 def _shown(path: Path) -> str:
     """A folder as the user named it: relative to the working directory when inside it."""
     return os.path.relpath(path) if path.is_relative_to(Path.cwd()) else str(path)
+
+
+def _short(name: str, keep: int = 80) -> str:
+    """A name for a message: whole when short, else its start and end around '…'."""
+    return name if len(name) <= keep else f"{name[:keep - 20]}…{name[-19:]}"
+
+
+def _check_length(**texts: str) -> None:
+    """Refuse any text over MAX_PROMPT_CHARS; the keyword names the field ('_' for a space)."""
+    for field, text in texts.items():
+        if len(text or "") > MAX_PROMPT_CHARS:
+            raise ValueError(f"{field.replace('_', ' ')} is {len(text)} characters; the limit is {MAX_PROMPT_CHARS}")
+
+
+def _number(value, field: str, kind=float):
+    """A number field's value; an emptied field or a non-number is one message naming the field."""
+    if value is None or (isinstance(value, str) and not value.strip()):
+        raise ValueError(f"{field} is empty: type a number in it")
+    try:
+        return kind(value)
+    except (TypeError, ValueError, OverflowError):
+        raise ValueError(f"{field} must be a {'whole ' if kind is int else ''}number, "
+                         f"not {_short(str(value), 40)!r}") from None
+
+
+def shown_caption(caption: str) -> str:
+    """A caption as the table shows it: at most CAPTION_SHOWN characters, a longer one cut and marked
+    (save_captions leaves a cut caption's file alone)."""
+    if len(caption) <= CAPTION_SHOWN:
+        return caption
+    return f"{caption[:CAPTION_SHOWN]}… [cut: {len(caption)} characters in all; edit its file to change it]"
+
+
+def oversized_captions(folder: Path) -> list[str]:
+    """Captions over MAX_CAPTION_BYTES under `folder`, as 'sub/a.txt (N kB)', found without reading
+    them: .txt files by size, metadata.jsonl line by line. Hidden folders and files are ignored,
+    as stylelora.data.discover ignores them."""
+    big = []
+    for dirpath, dirnames, filenames in os.walk(folder):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for f in sorted(f for f in filenames if f.lower().endswith(".txt") and not f.startswith(".")):
+            path = Path(dirpath, f)
+            try:
+                size = path.stat().st_size
+            except OSError:  # a dangling link, say: discover reports what it cannot read
+                continue
+            if size > MAX_CAPTION_BYTES:
+                big.append(f"{path.relative_to(folder).as_posix()} ({size // 1024} kB)")
+    meta = folder / "metadata.jsonl"
+    try:
+        if meta.is_file() and meta.stat().st_size > MAX_CAPTION_BYTES:
+            with open(meta, "rb") as f:
+                big += [f"metadata.jsonl line {n} ({len(line) // 1024} kB)" for n, line in enumerate(f, 1)
+                        if len(line) > MAX_CAPTION_BYTES]
+    except OSError:  # unreadable: discover says so
+        pass
+    return big
+
+
+def _caption_limit(big: list[str]) -> str:
+    n = len(big)
+    return (f"{n} caption{'s are' if n > 1 else ' is'} over the {MAX_CAPTION_BYTES // 1024} kB caption limit: "
+            f"{', '.join(_short(b) for b in big[:3])}{' …' if n > 3 else ''}; shorten "
+            f"{'them' if n > 1 else 'it'} (a caption is a line of text)")
+
+
+def _unpack_error(where: str, member: str, e: OSError) -> ValueError:
+    """A clear message for a file an upload could not write: the member's name, never a server path."""
+    if isinstance(e, (FileExistsError, NotADirectoryError, IsADirectoryError)):
+        why = "clashes with another file or folder of the same name in the upload; rename one"
+    elif e.errno == errno.ENAMETOOLONG:
+        why = f"has a name too long for this server ({len(member.encode())} bytes); shorten it"
+    else:
+        why = f"could not be written ({e.strerror or type(e).__name__})"
+    return ValueError(f"{where}{_short(member)!r} {why}")
 
 
 def _friendly(fn):
@@ -99,16 +223,32 @@ def extract_zip(src: Path, dest: Path, budget: list[int], max_files: int = 10_00
                     continue
                 target = dest.joinpath(*parts)
                 assert target.resolve().is_relative_to(dest.resolve()), target
-                target.parent.mkdir(parents=True, exist_ok=True)
-                with z.open(info) as fin, open(target, "xb") as fout:
-                    while chunk := fin.read(MB):
-                        budget[0] -= len(chunk)
-                        if budget[0] < 0:
-                            raise ValueError(f"{src.name} unpacks to more than the upload limit; "
-                                             "upload fewer or smaller images")
-                        fout.write(chunk)
+                try:
+                    _unpack_member(z, info, target, budget, src.name)
+                except OSError as e:
+                    raise _unpack_error(f"{src.name}: member ", info.filename, e) from None
     except (zipfile.BadZipFile, RuntimeError, NotImplementedError) as e:  # corrupt, encrypted, odd codec
         raise ValueError(f"{src.name} is not a zip file stylelora can read ({e})") from None
+
+
+def _unpack_member(z: zipfile.ZipFile, info: zipfile.ZipInfo, target: Path, budget: list[int],
+                   zip_name: str) -> None:
+    """One member to `target` (never over an existing file), counting the bytes written against
+    budget[0]; a caption stops at MAX_CAPTION_BYTES."""
+    caption = target.suffix.lower() == ".txt"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with z.open(info) as fin, open(target, "xb") as fout:
+        written = 0
+        while chunk := fin.read(MB):
+            budget[0] -= len(chunk)
+            written += len(chunk)
+            if budget[0] < 0:
+                raise ValueError(f"{zip_name} unpacks to more than the upload limit; upload fewer or smaller images")
+            if caption and written > MAX_CAPTION_BYTES:
+                raise ValueError(f"{zip_name}: caption {_short(info.filename)!r} is over the "
+                                 f"{MAX_CAPTION_BYTES // 1024} kB caption limit; shorten it (a caption is a "
+                                 "line of text)")
+            fout.write(chunk)
 
 
 class TrainJob:
@@ -217,10 +357,9 @@ class StyleloraUI:
 
         text, tags = parse_prompt_loras(prompt or "", self.adapters_dir)
         wanted = {}
-        for i in range(0, len(slots), SLOT_FIELDS):
-            name, on, s, u, t = slots[i : i + SLOT_FIELDS]
-            if name and on:
-                wanted[name] = (float(s), float(u), float(t))
+        for slot in Slot.split(slots):
+            if slot.name and slot.on:
+                wanted[slot.name] = (float(slot.strength), float(slot.unet), float(slot.te))
         wanted.update({path.stem: (w, 1.0, 1.0) for path, w in tags})
         return text, wanted
 
@@ -241,6 +380,8 @@ class StyleloraUI:
 
     def generate(self, prompt, negative, seed, steps, guidance, size, mode, *slots):
         t0 = time.perf_counter()
+        _check_length(prompt=prompt, negative_prompt=negative)
+        seed = _number(seed, "seed", int)
         text, wanted = self._request(prompt, slots)
         image = self._render(text, negative, seed, steps, guidance, size, mode, wanted)
         settings = {"prompt": prompt, "prompt_used": text, "negative": negative, "seed": int(seed),
@@ -253,6 +394,8 @@ class StyleloraUI:
         """Rows: each requested adapter at each strength, the other requested ones as set."""
         from stylelora.grid import image_grid
 
+        _check_length(prompt=prompt, negative_prompt=negative, sweep_strengths=strengths)
+        seed = _number(seed, "seed", int)
         try:
             values = [float(v) for v in re.split(r"[,\s]+", strengths.strip()) if v]
         except ValueError:
@@ -280,9 +423,11 @@ class StyleloraUI:
             name = names[i] if i < len(names) else ""
             same = name == current[i]
             trig = self.triggers(name) if name else []
-            out += [gr.update(visible=bool(name)), name, gr.update(label=name or "-", **({} if same else {"value": False})),
-                    *([gr.skip()] * 3 if same else [1.0, 1.0, 1.0]),
-                    gr.update(value="+ " + ", ".join(trig), visible=bool(trig))]
+            if same:  # the adapter keeps its row: keep its checkbox and sliders
+                row = Slot(name, gr.update(label=name or "-"), **dict.fromkeys(Slot.SLIDERS, gr.skip()))
+            else:  # a new adapter in this row starts off, at the defaults
+                row = Slot(name, gr.update(label=name or "-", value=False))
+            out += [gr.update(visible=bool(name)), *row, gr.update(value="+ " + ", ".join(trig), visible=bool(trig))]
         more = f"; the first {MAX_SLOTS} have sliders, use `<lora:name:w>` for the rest" if len(names) > MAX_SLOTS else ""
         out.append(f"{len(names)} adapter(s) in `{_shown(self.adapters_dir)}`{more}")
         out.append(gr.update(choices=names, value=pick if pick in names else None))
@@ -311,8 +456,11 @@ class StyleloraUI:
     def load_captions(self, value):
         from stylelora.data import discover, format_report
 
-        items, skipped = discover(self.dataset_path(value))
-        return [[it.rel, it.caption] for it in items], format_report(items, skipped)
+        folder = self.dataset_path(value)
+        big = oversized_captions(folder)
+        items, skipped = discover(folder)
+        report = format_report(items, skipped) + (f"\nwarning: {_caption_limit(big)}" if big else "")
+        return [[it.rel, shown_caption(it.caption)] for it in items], report
 
     def save_captions(self, value, table):
         from stylelora.data import discover
@@ -320,22 +468,30 @@ class StyleloraUI:
         folder = self.dataset_path(value)
         items = {it.rel: it for it in discover(folder)[0]}
         rows = table.values.tolist() if hasattr(table, "values") else table or []
-        changed, in_jsonl = 0, []
-        for rel, caption in rows:
+        writes, in_jsonl, cut = [], [], []
+        for rel, caption in rows:  # all checked before anything is written
             item = items.get(rel)
             if item is None:  # only captions of images discover() found are ever written
-                raise ValueError(f"{rel!r} is not an image of {folder}; reload the table")
+                raise ValueError(f"{_short(str(rel))!r} is not an image of {folder}; reload the table")
             caption = "" if caption is None else str(caption).strip()
-            if caption == item.caption:
+            if caption in (item.caption, shown_caption(item.caption)):
                 continue
+            if len(caption.encode()) > MAX_CAPTION_BYTES:
+                raise ValueError(f"the caption of {rel!r} is {len(caption.encode())} bytes; the limit is "
+                                 f"{MAX_CAPTION_BYTES}: shorten it. Nothing was saved")
             if item.caption_source == "metadata.jsonl":
                 in_jsonl.append(rel)
-                continue
+            elif shown_caption(item.caption) != item.caption:  # the table held only its start
+                cut.append(rel)
+            else:
+                writes.append((item, caption))
+        for item, caption in writes:
             # the caption file it was read from (.txt, or the dataset's own extension), replaced atomically
             write_text(item.path.with_name(item.caption_source or item.path.stem + ".txt"), caption + "\n")
-            changed += 1
         note = f"; not changed (captioned in metadata.jsonl, edit it there): {', '.join(in_jsonl)}" if in_jsonl else ""
-        return f"saved {changed} caption(s) in {folder}{note}"
+        if cut:
+            note += f"; not changed (too long to edit here, edit the file itself): {', '.join(cut)}"
+        return f"saved {len(writes)} caption(s) in {folder}{note}"
 
     def import_dataset(self, files, name):
         dest = safe_child(self.datasets_dir, name)
@@ -347,36 +503,66 @@ class StyleloraUI:
         if sum(f.stat().st_size for f in files) > self.max_dataset_bytes:
             raise ValueError(f"the upload is over {self.max_dataset_bytes // MB} MB; upload fewer or smaller images")
         self.datasets_dir.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=self.datasets_dir))
+        # mkdir, not mkdtemp (0700): the dataset gets the permissions any new folder gets (umask)
+        tmp = self.datasets_dir / f".{dest.name}.{secrets.token_hex(6)}.tmp"
+        tmp.mkdir()
         try:
-            budget = [self.max_dataset_bytes]
-            for f in files:
-                if f.suffix.lower() == ".zip":
-                    extract_zip(f, tmp, budget)
-                elif f.name.lower().endswith(DATASET_EXTS) and not f.name.startswith("."):
-                    shutil.copyfile(f, tmp / f.name)  # .name: a basename, whatever the browser sent
-            self.load_captions(str(tmp))  # refuses a folder without one usable image
-            os.replace(tmp, dest)
+            self._unpack_upload(files, tmp)
+            try:
+                os.rename(tmp, dest)
+            except OSError:  # another request imported this name meanwhile
+                raise FileExistsError(f"dataset {name!r} exists in {self.datasets_dir}: pick another name") from None
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         table, report = self.load_captions(dest.name)
         return gr.update(choices=self.datasets(), value=dest.name), table, report
 
+    def _unpack_upload(self, files: list[Path], tmp: Path) -> None:
+        """The uploaded images, captions and zips into `tmp`, checked like a dataset: at least one
+        usable image, no caption over MAX_CAPTION_BYTES. Messages name files as uploaded, never
+        the server's temporary paths."""
+        budget = [self.max_dataset_bytes]
+        for f in files:
+            if f.suffix.lower() == ".zip":
+                extract_zip(f, tmp, budget)
+            elif f.name.lower().endswith(DATASET_EXTS) and not f.name.startswith("."):
+                if f.suffix.lower() == ".txt" and f.stat().st_size > MAX_CAPTION_BYTES:
+                    raise ValueError(_caption_limit([f"{f.name} ({f.stat().st_size // 1024} kB)"]))
+                try:  # .name: a basename, whatever the browser sent; "xb": two of one name clash
+                    with open(f, "rb") as fin, open(tmp / f.name, "xb") as fout:
+                        shutil.copyfileobj(fin, fout)
+                except OSError as e:
+                    raise _unpack_error("uploaded file ", f.name, e) from None
+        big = oversized_captions(tmp)  # metadata.jsonl lines (zipped .txt captions stopped at the cap)
+        if big:
+            raise ValueError(_caption_limit(big))
+        from stylelora.data import discover
+
+        try:  # discover itself, not load_captions: tmp is an absolute path, refused beyond loopback
+            discover(tmp)  # refuses a folder without one usable image
+        except (ValueError, FileNotFoundError) as e:
+            raise type(e)(str(e).replace(str(tmp), "the upload")) from None
+
     # --- training
     def start_training(self, dataset, name, trigger, steps, rank, lr, targets="cross-attn"):
         from stylelora.train import TrainConfig
 
         out = safe_child(self.adapters_dir, name, ".safetensors")
-        steps = int(steps)
+        _check_length(trigger_words=trigger)
+        steps, rank, lr = _number(steps, "steps", int), _number(rank, "rank", int), _number(lr, "learning rate")
+        folder = self.dataset_path(dataset)
+        big = oversized_captions(folder)
+        if big:
+            raise ValueError(f"{_caption_limit(big)}, then start again")
         with self._lock:
             if self.job is not None and self.job.running:
                 raise ValueError("a training is running; wait for it or press Stop")
             if out.exists():
                 raise FileExistsError(f"an adapter named {out.stem!r} exists: pick another name or delete it")
-            cfg = TrainConfig(dataset=str(self.dataset_path(dataset)), out=str(out), base=self.base,
+            cfg = TrainConfig(dataset=str(folder), out=str(out), base=self.base,
                               base_config=self.base_config, trigger=(trigger or "").strip() or None,
-                              steps=steps, rank=int(rank), lr=float(lr), targets=targets, progress=False, device=self.device,
+                              steps=steps, rank=rank, lr=lr, targets=targets, progress=False, device=self.device,
                               run_dir=str(self.adapters_dir / ".runs" / out.stem),
                               log_every=max(1, min(10, steps // 100)), sample_every=max(1, steps // 4))
             self.job = TrainJob(cfg)
@@ -476,10 +662,20 @@ class StyleloraUI:
     def upload(self, file):
         from stylelora.adapters import check_fits, load_adapter
 
-        src = Path(file)
-        if src.stat().st_size > self.max_adapter_bytes:
+        src = Path(file)  # a temporary path; its .name is the name the file was uploaded as
+        size = src.stat().st_size
+        if size > self.max_adapter_bytes:
             raise ValueError(f"{src.name} is over the {self.max_adapter_bytes // MB} MB adapter limit")
-        check_fits(load_adapter(src), self.pipe)  # refuses pickles, corrupt files, wrong bases
+        with open(src, "rb") as f:
+            head = f.read(9)
+        if len(head) < 9 or struct.unpack("<Q", head[:8])[0] > size - 8 or head[8:9] != b"{":
+            raise ValueError(f"{src.name} is not a .safetensors file (a pickle .ckpt/.pt/.bin, or another kind of "
+                             "file): upload a LoRA adapter saved as .safetensors. Convert a pickle first, with a "
+                             "tool you trust, in a sandbox: loading a pickle can run arbitrary code")
+        try:
+            check_fits(load_adapter(src), self.pipe)  # refuses corrupt files, unknown keys, wrong bases
+        except ValueError as e:
+            raise ValueError(str(e).replace(str(src), src.name)) from None
         name = re.sub(r"[^A-Za-z0-9._-]", "_", src.stem).lstrip("._-")[:64] or "uploaded"
         out = self._publish(name, lambda tmp: shutil.copyfile(src, tmp))
         return f"added {out.name}"
@@ -488,143 +684,191 @@ class StyleloraUI:
 def build_app(adapters_dir="adapters", base=None, **options) -> gr.Blocks:
     """The Blocks app. options: datasets_dir, base_config, device, max_adapter_mb, max_dataset_mb.
     The StyleloraUI behind it is `app.stylelora`."""
+    ui = StyleloraUI(adapters_dir, base, **options)
+    with gr.Blocks(title="stylelora") as app:
+        app.stylelora = ui
+        gen = _generate_tab(ui)
+        train = _train_tab()
+        adapters = _adapters_tab()
+        _wire(app, ui, gen, train, adapters)
+    return app
+
+
+def _slot_row(ui: StyleloraUI, i: int, prompt: gr.Textbox) -> SlotRow:
+    """Slot i's widgets, empty and hidden until a refresh (the page's load event) fills them."""
+    fresh = Slot()
+    with gr.Group(visible=False, elem_id=f"slot{i}") as group:
+        name = gr.Textbox(fresh.name, visible=False)
+        with gr.Row():
+            on = gr.Checkbox(fresh.on, label="-", elem_id=f"slot{i}-on")
+            strength = gr.Slider(-1, 2, fresh.strength, step=0.05, label="strength", scale=3,
+                                 elem_id=f"slot{i}-strength")
+            add = gr.Button("+ ", visible=False, size="sm")
+        with gr.Accordion("UNet / text encoder", open=False):
+            with gr.Row():
+                unet = gr.Slider(-1, 2, fresh.unet, step=0.05, label="× UNet")
+                te = gr.Slider(-1, 2, fresh.te, step=0.05, label="× text encoder")
+    add.click(ui.add_triggers, [prompt, name], prompt, api_visibility="private")
+    return SlotRow(group, Slot(name=name, on=on, strength=strength, unet=unet, te=te), add)
+
+
+def _generate_tab(ui: StyleloraUI) -> SimpleNamespace:
+    """Prompt and settings, one SlotRow per adapter slot, the image and the strength sweep."""
     from stylelora.evaluate import DEFAULT_GUIDANCE, DEFAULT_STEPS
+
+    with gr.Tab("Generate") as tab:
+        with gr.Row():
+            with gr.Column(scale=3):
+                prompt = gr.Textbox(label="prompt (<lora:name:weight> adds an adapter)", elem_id="prompt",
+                                    value="a red star on a white background")
+                negative = gr.Textbox(label="negative prompt")
+                with gr.Row():
+                    seed = gr.Number(0, label="seed", precision=0, minimum=0)
+                    dice = gr.Button("random seed", size="sm")
+                    steps = gr.Slider(1, 100, DEFAULT_STEPS, step=1, label="steps")
+                    guidance = gr.Slider(0, 15, DEFAULT_GUIDANCE, step=0.5, label="guidance")
+                    size = gr.Slider(32, 4 * ui.native, ui.native, step=16, label="size (px)")
+                mode = gr.Radio(list(MODES), value="merge", label="composition")
+                note = gr.Markdown()
+                rows = [_slot_row(ui, i, prompt) for i in range(MAX_SLOTS)]
+                refresh_btn = gr.Button("↻ refresh adapters", size="sm")
+            with gr.Column(scale=2):
+                go = gr.Button("Generate", variant="primary", elem_id="generate")
+                image = gr.Image(label="image", type="pil", format="png", elem_id="output-image",
+                                 interactive=False, height=320)
+                settings = gr.JSON(label="settings", elem_id="settings")
+                strengths = gr.Textbox("0, 0.5, 1, 1.5", label="sweep strengths")
+                sweep_btn = gr.Button("Strength sweep")
+                grid = gr.Image(label="adapters × strengths", type="pil", format="png", interactive=False,
+                                elem_id="sweep-grid")
+    return SimpleNamespace(tab=tab, prompt=prompt, negative=negative, seed=seed, dice=dice, steps=steps,
+                           guidance=guidance, size=size, mode=mode, note=note, rows=rows, refresh_btn=refresh_btn,
+                           go=go, image=image, settings=settings, strengths=strengths, sweep_btn=sweep_btn,
+                           grid=grid)
+
+
+def _train_tab() -> SimpleNamespace:
+    """Dataset (pick, upload, edit captions) on the left; the run's settings and progress on the right."""
     from stylelora.lora import UNET_PRESETS
     from stylelora.train import TrainConfig
 
-    ui = StyleloraUI(adapters_dir, base, **options)
-    names = ui.adapter_names()
-    with gr.Blocks(title="stylelora") as app:
-        app.stylelora = ui
-        with gr.Tab("Generate") as gen_tab:
-            with gr.Row():
-                with gr.Column(scale=3):
-                    prompt = gr.Textbox(label="prompt (<lora:name:weight> adds an adapter)", elem_id="prompt",
-                                        value="a red star on a white background")
-                    negative = gr.Textbox(label="negative prompt")
-                    with gr.Row():
-                        seed = gr.Number(0, label="seed", precision=0, minimum=0)
-                        dice = gr.Button("random seed", size="sm")
-                        steps = gr.Slider(1, 100, DEFAULT_STEPS, step=1, label="steps")
-                        guidance = gr.Slider(0, 15, DEFAULT_GUIDANCE, step=0.5, label="guidance")
-                        size = gr.Slider(32, 4 * ui.native, ui.native, step=16, label="size (px)")
-                    mode = gr.Radio(list(MODES), value="merge", label="composition")
-                    note = gr.Markdown()
-                    slots, slot_outputs = [], []
-                    for i in range(MAX_SLOTS):
-                        here = names[i] if i < len(names) else ""
-                        trig = ui.triggers(here) if here else []
-                        with gr.Group(visible=bool(here), elem_id=f"slot{i}") as group:
-                            name = gr.Textbox(here, visible=False)
-                            with gr.Row():
-                                on = gr.Checkbox(False, label=here or "-", elem_id=f"slot{i}-on")
-                                strength = gr.Slider(-1, 2, 1.0, step=0.05, label="strength", scale=3,
-                                                     elem_id=f"slot{i}-strength")
-                                add = gr.Button("+ " + ", ".join(trig), visible=bool(trig), size="sm")
-                            with gr.Accordion("UNet / text encoder", open=False):
-                                with gr.Row():
-                                    unet = gr.Slider(-1, 2, 1.0, step=0.05, label="× UNet")
-                                    te = gr.Slider(-1, 2, 1.0, step=0.05, label="× text encoder")
-                        add.click(ui.add_triggers, [prompt, name], prompt, api_visibility="private")
-                        slots += [name, on, strength, unet, te]
-                        slot_outputs += [group, name, on, strength, unet, te, add]
-                    refresh_btn = gr.Button("↻ refresh adapters", size="sm")
-                with gr.Column(scale=2):
-                    go = gr.Button("Generate", variant="primary", elem_id="generate")
-                    image = gr.Image(label="image", type="pil", format="png", elem_id="output-image",
-                                     interactive=False, height=320)
-                    settings = gr.JSON(label="settings", elem_id="settings")
-                    strengths = gr.Textbox("0, 0.5, 1, 1.5", label="sweep strengths")
-                    sweep_btn = gr.Button("Strength sweep")
-                    grid = gr.Image(label="adapters × strengths", type="pil", format="png", interactive=False,
-                                    elem_id="sweep-grid")
+    with gr.Tab("Train"):
+        with gr.Row():
+            with gr.Column():
+                dataset = gr.Dropdown([], label="dataset: a datasets/ folder, or type an absolute path",
+                                      allow_custom_value=True, elem_id="dataset")
+                load_btn = gr.Button("Load captions", size="sm")
+                files = gr.File(label="…or upload images + .txt captions, or a .zip", file_count="multiple")
+                with gr.Row():
+                    new_ds = gr.Textbox(label="name for the uploaded dataset")
+                    import_btn = gr.Button("Import upload", size="sm")
+                table = gr.Dataframe(headers=["image", "caption"], type="array", interactive=True,
+                                     label="captions (editable)")
+                save_btn = gr.Button("Save captions", size="sm")
+                data_note = gr.Markdown()
+            with gr.Column():
+                d = TrainConfig()
+                adapter_name = gr.Textbox(label="adapter name", elem_id="train-name")
+                trigger = gr.Textbox(label="trigger word(s)", placeholder="e.g. pastel")
+                with gr.Row():
+                    steps = gr.Number(d.steps, label="steps", precision=0, minimum=1, elem_id="train-steps")
+                    rank = gr.Number(d.rank, label="rank", precision=0, minimum=1)
+                    lr = gr.Number(d.lr, label="learning rate", minimum=0)
+                targets = gr.Radio(list(UNET_PRESETS), value=d.targets, label="LoRA on the UNet's",
+                                   info="cross-attn: the default; attn-ff: for styles you will stack with others "
+                                        "(measured to combine better, see the README)", elem_id="train-targets")
+                with gr.Row():
+                    start = gr.Button("Start", variant="primary", elem_id="train-start")
+                    stop = gr.Button("Stop", variant="stop")
+                progress = gr.HTML(elem_id="train-progress")
+                loss_plot = gr.LinePlot(x="step", y="loss", label="loss", height=220)
+                sample = gr.Image(label="latest samples", type="pil", format="png", interactive=False,
+                                  elem_id="train-samples")
+                timer = gr.Timer(1.0, active=False)
+    return SimpleNamespace(dataset=dataset, load_btn=load_btn, files=files, new_ds=new_ds, import_btn=import_btn,
+                           table=table, save_btn=save_btn, data_note=data_note, adapter_name=adapter_name,
+                           trigger=trigger, steps=steps, rank=rank, lr=lr, targets=targets, start=start, stop=stop,
+                           progress=progress, loss_plot=loss_plot, sample=sample, timer=timer)
 
-        with gr.Tab("Train"):
-            with gr.Row():
-                with gr.Column():
-                    dataset = gr.Dropdown(ui.datasets(), label="dataset: a datasets/ folder, or type an absolute path",
-                                          allow_custom_value=True, elem_id="dataset")
-                    load_btn = gr.Button("Load captions", size="sm")
-                    files = gr.File(label="…or upload images + .txt captions, or a .zip", file_count="multiple")
-                    with gr.Row():
-                        new_ds = gr.Textbox(label="name for the uploaded dataset")
-                        import_btn = gr.Button("Import upload", size="sm")
-                    table = gr.Dataframe(headers=["image", "caption"], type="array", interactive=True,
-                                         label="captions (editable)")
-                    save_btn = gr.Button("Save captions", size="sm")
-                    data_note = gr.Markdown()
-                with gr.Column():
-                    d = TrainConfig()
-                    adapter_name = gr.Textbox(label="adapter name", elem_id="train-name")
-                    trigger = gr.Textbox(label="trigger word(s)", placeholder="e.g. pastel")
-                    with gr.Row():
-                        train_steps = gr.Number(d.steps, label="steps", precision=0, minimum=1, elem_id="train-steps")
-                        rank = gr.Number(d.rank, label="rank", precision=0, minimum=1)
-                        lr = gr.Number(d.lr, label="learning rate", minimum=0)
-                    targets = gr.Radio(list(UNET_PRESETS), value=d.targets, label="LoRA on the UNet's",
-                                       info="cross-attn: the default; attn-ff: for styles you will stack with others "
-                                            "(measured to combine better, see the README)", elem_id="train-targets")
-                    with gr.Row():
-                        start = gr.Button("Start", variant="primary", elem_id="train-start")
-                        stop = gr.Button("Stop", variant="stop")
-                    progress = gr.HTML(elem_id="train-progress")
-                    loss_plot = gr.LinePlot(x="step", y="loss", label="loss", height=220)
-                    sample = gr.Image(label="latest samples", type="pil", format="png", interactive=False,
-                                      elem_id="train-samples")
-                    timer = gr.Timer(1.0, active=False)
 
-        with gr.Tab("Adapters"):
-            with gr.Row():
-                pick = gr.Dropdown(names, value=None, label="adapter", elem_id="adapter-pick")
-                adapters_refresh = gr.Button("↻", size="sm", scale=0)
-            info = gr.JSON(label="metadata")
-            with gr.Row():
-                fmt = gr.Radio(["kohya", "diffusers"], value="kohya", label="convert to")
-                conv_name = gr.Textbox(label="new name (default: <name>-<format>)")
-                conv_btn = gr.Button("Convert", size="sm")
-            with gr.Row():
-                chosen = gr.Dropdown(names, multiselect=True, label="merge these")
-                weights = gr.Textbox(label="weights (one per adapter)", placeholder="0.5, 0.5")
-                merge_rank = gr.Number(0, label="rank (0 = exact)", precision=0, minimum=0)
-                merge_name = gr.Textbox(label="merged name")
-                merge_btn = gr.Button("Merge", size="sm")
-            with gr.Row():
-                confirm = gr.Checkbox(label="yes, delete the adapter picked above")
-                del_btn = gr.Button("Delete", variant="stop", size="sm")
-            upload = gr.File(label="upload a .safetensors adapter", file_types=[".safetensors"])
-            status = gr.Markdown()
+def _adapters_tab() -> SimpleNamespace:
+    """Inspect, convert, merge, delete and upload adapters."""
+    with gr.Tab("Adapters"):
+        with gr.Row():
+            # custom values: the choices arrive with the page's load event, not for API callers;
+            # the handlers check any name (safe_child) before it reaches a file
+            pick = gr.Dropdown([], value=None, label="adapter", elem_id="adapter-pick", allow_custom_value=True)
+            refresh_btn = gr.Button("↻", size="sm", scale=0)
+        info = gr.JSON(label="metadata")
+        with gr.Row():
+            fmt = gr.Radio(["kohya", "diffusers"], value="kohya", label="convert to")
+            conv_name = gr.Textbox(label="new name (default: <name>-<format>)")
+            conv_btn = gr.Button("Convert", size="sm")
+        with gr.Row():
+            chosen = gr.Dropdown([], multiselect=True, label="merge these", allow_custom_value=True)
+            weights = gr.Textbox(label="weights (one per adapter)", placeholder="0.5, 0.5")
+            merge_rank = gr.Number(0, label="rank (0 = exact)", precision=0, minimum=0)
+            merge_name = gr.Textbox(label="merged name")
+            merge_btn = gr.Button("Merge", size="sm")
+        with gr.Row():
+            confirm = gr.Checkbox(label="yes, delete the adapter picked above")
+            del_btn = gr.Button("Delete", variant="stop", size="sm")
+        upload = gr.File(label="upload a .safetensors adapter", file_types=[".safetensors"])
+        status = gr.Markdown()
+    return SimpleNamespace(pick=pick, refresh_btn=refresh_btn, info=info, fmt=fmt, conv_name=conv_name,
+                           conv_btn=conv_btn, chosen=chosen, weights=weights, merge_rank=merge_rank,
+                           merge_name=merge_name, merge_btn=merge_btn, confirm=confirm, del_btn=del_btn,
+                           upload=upload, status=status)
 
-        # --- wiring
-        lists = slot_outputs + [note, pick, chosen]
-        current = slots[::SLOT_FIELDS] + [pick, chosen]
-        for event in (app.load, refresh_btn.click, adapters_refresh.click, gen_tab.select):
-            event(ui.refresh, current, lists, show_progress="hidden", api_visibility="private")
-        common = [prompt, negative, seed, steps, guidance, size, mode]
-        for event in (go.click, prompt.submit):
-            event(_friendly(ui.generate), common + slots, [image, settings], api_name="generate",
-                  concurrency_limit=4, concurrency_id="render")
-        sweep_btn.click(_friendly(ui.sweep), common + [strengths] + slots, grid, api_name="sweep",
+
+def _wire(app: gr.Blocks, ui: StyleloraUI, gen: SimpleNamespace, train: SimpleNamespace,
+          adapters: SimpleNamespace) -> None:
+    """Events. `current` (the slots' names, the pickers) goes into every refresh, `lists` out of it.
+    The page's load event fills the adapter and dataset lists: the built app holds no names, since
+    gradio serves its API description (with choices and defaults) to visitors not logged in."""
+    lists = [c for row in gen.rows for c in row.outputs] + [gen.note, adapters.pick, adapters.chosen]
+    current = [row.inputs.name for row in gen.rows] + [adapters.pick, adapters.chosen]
+    for event in (app.load, gen.refresh_btn.click, adapters.refresh_btn.click, gen.tab.select):
+        event(ui.refresh, current, lists, show_progress="hidden", api_visibility="private")
+    _wire_generate(ui, gen)
+    _wire_train(app, ui, train, current, lists)
+    _wire_adapters(ui, adapters, current, lists)
+
+
+def _wire_generate(ui: StyleloraUI, gen: SimpleNamespace) -> None:
+    slots = [c for row in gen.rows for c in row.inputs]
+    common = [gen.prompt, gen.negative, gen.seed, gen.steps, gen.guidance, gen.size, gen.mode]
+    for event in (gen.go.click, gen.prompt.submit):
+        event(_friendly(ui.generate), common + slots, [gen.image, gen.settings], api_name="generate",
+              concurrency_limit=4, concurrency_id="render")
+    gen.sweep_btn.click(_friendly(ui.sweep), common + [gen.strengths] + slots, gen.grid, api_name="sweep",
                         concurrency_id="render")
-        dice.click(lambda: random.randrange(2**31), None, seed, api_visibility="private")
-        load_btn.click(_friendly(ui.load_captions), dataset, [table, data_note])
-        save_btn.click(_friendly(ui.save_captions), [dataset, table], data_note)
-        import_btn.click(_friendly(ui.import_dataset), [files, new_ds], [dataset, table, data_note])
-        start.click(_friendly(ui.start_training), [dataset, adapter_name, trigger, train_steps, rank, lr, targets],
-                    [progress, timer], api_name="train")
-        stop.click(ui.stop_training, None, progress)
-        app.load(lambda: gr.Timer(active=ui.job is not None and ui.job.running), None, timer,  # reopened page
-                 api_visibility="private")
-        timer.tick(ui.poll, current, [progress, loss_plot, sample, timer] + lists, show_progress="hidden",
-                   concurrency_limit=None, api_visibility="private")
-        pick.change(_friendly(ui.inspect), pick, info, api_visibility="private")
-        for btn, fn, inputs in ((conv_btn, ui.convert, [pick, fmt, conv_name]),
-                                (merge_btn, ui.merge, [chosen, weights, merge_name, merge_rank]),
-                                (del_btn, ui.delete, [pick, confirm]), (upload, ui.upload, [upload])):
-            event = btn.upload if btn is upload else btn.click
-            event(_friendly(fn), inputs, status).success(ui.refresh, current, lists, show_progress="hidden",
-                                                         api_visibility="private")
-        del_btn.click(lambda: False, None, confirm, api_visibility="private")  # confirm each delete anew
-    return app
+    gen.dice.click(lambda: random.randrange(2**31), None, gen.seed, api_visibility="private")
+
+
+def _wire_train(app: gr.Blocks, ui: StyleloraUI, t: SimpleNamespace, current: list, lists: list) -> None:
+    t.load_btn.click(_friendly(ui.load_captions), t.dataset, [t.table, t.data_note])
+    t.save_btn.click(_friendly(ui.save_captions), [t.dataset, t.table], t.data_note)
+    t.import_btn.click(_friendly(ui.import_dataset), [t.files, t.new_ds], [t.dataset, t.table, t.data_note])
+    t.start.click(_friendly(ui.start_training), [t.dataset, t.adapter_name, t.trigger, t.steps, t.rank, t.lr,
+                                                 t.targets], [t.progress, t.timer], api_name="train")
+    t.stop.click(ui.stop_training, None, t.progress)
+    app.load(lambda: gr.update(choices=ui.datasets()), None, t.dataset, api_visibility="private")
+    app.load(lambda: gr.Timer(active=ui.job is not None and ui.job.running), None, t.timer,  # reopened page
+             api_visibility="private")
+    t.timer.tick(ui.poll, current, [t.progress, t.loss_plot, t.sample, t.timer] + lists, show_progress="hidden",
+                 concurrency_limit=None, api_visibility="private")
+
+
+def _wire_adapters(ui: StyleloraUI, a: SimpleNamespace, current: list, lists: list) -> None:
+    a.pick.change(_friendly(ui.inspect), a.pick, a.info, api_visibility="private")
+    for btn, fn, inputs in ((a.conv_btn, ui.convert, [a.pick, a.fmt, a.conv_name]),
+                            (a.merge_btn, ui.merge, [a.chosen, a.weights, a.merge_name, a.merge_rank]),
+                            (a.del_btn, ui.delete, [a.pick, a.confirm]), (a.upload, ui.upload, [a.upload])):
+        event = btn.upload if btn is a.upload else btn.click
+        event(_friendly(fn), inputs, a.status).success(ui.refresh, current, lists, show_progress="hidden",
+                                                       api_visibility="private")
+    a.del_btn.click(lambda: False, None, a.confirm, api_visibility="private")  # confirm each delete anew
 
 
 # Tiny base images (64 px) shown large and sharp instead of as blurry thumbnails.
