@@ -22,7 +22,7 @@ import re
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, NamedTuple
 
 import torch
 
@@ -88,12 +88,33 @@ class Scale:
         return {"unet": unet, "text_encoder": self.text_encoder}
 
 
+class _Factors(NamedTuple):
+    """One adapter's layer, ready to fuse: float32 on the weight's device."""
+
+    up: torch.Tensor  # B: (out, r)
+    down: torch.Tensor  # A: (r, in * kh * kw)
+    alpha_over_r: float
+    bound: float  # sum_k max|B[:, k]| * max|A[k, :]| >= max|B @ A|: a scale change needs no scan
+
+
 @dataclass
 class _Loaded:
     adapter: Adapter
-    # key -> (B (out, r), A (r, in*kh*kw), alpha / r, bound): float32 on the weight's device, ready to
-    # fuse; bound = sum_k max|B[:, k]| * max|A[k, :]| >= max|B @ A|, so a scale change needs no scan
-    factors: dict[str, tuple[torch.Tensor, torch.Tensor, float, float]]
+    factors: dict[str, _Factors]  # layer key -> its factors
+
+
+@dataclass
+class _Composition:
+    """What one switch / composite generation needs besides the pipeline."""
+
+    mode: str
+    active: list[str]  # adapters with a non-zero scale, in load order
+    scales: dict[str, Scale]
+    prompt: str
+    negative: str | None
+    guidance: float
+    switch_every: int
+    pipe_kwargs: dict[str, Any]  # steps, size, generator, output type: passed to the pipeline as they are
 
 
 Plan = dict[str, tuple[tuple[str, float], ...]]  # layer key -> ((adapter, scale * alpha / r), ...)
@@ -136,7 +157,7 @@ class AdapterStack:
                 w = self._modules[key].weight
                 up = layer.up.flatten(1).to(w.device, torch.float32)
                 down = layer.down.flatten(1).to(w.device, torch.float32)
-                factors[key] = (up, down, layer.scale, float((up.abs().amax(0) * down.abs().amax(1)).sum()))
+                factors[key] = _Factors(up, down, layer.scale, float((up.abs().amax(0) * down.abs().amax(1)).sum()))
             self._loaded[name] = _Loaded(adapter, factors)
             self.scales[name] = scale
             try:
@@ -184,6 +205,7 @@ class AdapterStack:
                  scales: Mapping[str, Any] | None = None, switch_every: int = 1, output_type: str = "pil"):
         """One image. `scales`, if given, is complete for this call (adapters it does not name are
         off) and is not stored. Seed s is torch.Generator('cpu').manual_seed(s), as in diffusers."""
+        from .base import native_size
         from .config import DEFAULT_GUIDANCE, DEFAULT_STEPS
 
         if mode not in MODES:
@@ -191,7 +213,7 @@ class AdapterStack:
         if switch_every < 1:
             raise ValueError(f"switch_every must be >= 1, got {switch_every}")
         guidance = DEFAULT_GUIDANCE if guidance is None else guidance
-        width, height = size or (self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor,) * 2
+        width, height = size or (native_size(self.pipe),) * 2
         kwargs = dict(num_inference_steps=steps or DEFAULT_STEPS, guidance_scale=guidance, width=width,
                       height=height, generator=torch.Generator("cpu").manual_seed(seed), output_type=output_type)
         with self.lock:
@@ -201,7 +223,7 @@ class AdapterStack:
                 if mode == "merge" or not active:
                     self._apply(self._plan(call))
                     return self.pipe(prompt=prompt, negative_prompt=negative, **kwargs).images[0]
-                return self._compose(mode, active, call, prompt, negative, guidance, switch_every, kwargs)
+                return self._compose(_Composition(mode, active, call, prompt, negative, guidance, switch_every, kwargs))
             finally:
                 self._apply(self._plan(self.scales))
 
@@ -238,9 +260,9 @@ class AdapterStack:
         plan: dict[str, list] = {}
         for name in self._loaded:  # load order, so equal scales always give equal plans
             if name in scales and scales[name].active:
-                for key, (_, _, alpha_over_r, _) in self._loaded[name].factors.items():
+                for key, f in self._loaded[name].factors.items():
                     if s := scales[name].of(key):
-                        plan.setdefault(key, []).append((name, s * alpha_over_r))
+                        plan.setdefault(key, []).append((name, s * f.alpha_over_r))
         return {k: tuple(v) for k, v in plan.items()}
 
     def _apply(self, plan: Plan, prefix: str = "") -> None:
@@ -265,8 +287,8 @@ class AdapterStack:
             weight.copy_(w0)
             self._applied.pop(key, None)
             return
-        ups = [self._loaded[n].factors[key][0] * c for n, c in terms]  # (out, r_i) each
-        downs = [self._loaded[n].factors[key][1] for n, _ in terms]  # (r_i, in) each
+        ups = [self._loaded[n].factors[key].up * c for n, c in terms]  # (out, r_i) each
+        downs = [self._loaded[n].factors[key].down for n, _ in terms]  # (r_i, in) each
         up, down = torch.cat(ups, 1), torch.cat(downs, 0)  # float32, as add() stored them
 
         def overflow() -> ValueError:
@@ -280,7 +302,7 @@ class AdapterStack:
             torch.addmm(w0.view(rows, -1), up, down, out=weight.view(rows, -1))
             # |delta| <= sum over terms of |c| * (that adapter's bound, computed once in add()): when
             # that cannot overflow, skip scanning the whole layer for inf.
-            bound = sum(abs(c) * self._loaded[n].factors[key][3] for n, c in terms) + self._w0_absmax[key]
+            bound = sum(abs(c) * self._loaded[n].factors[key].bound for n, c in terms) + self._w0_absmax[key]
             if not bound < 1e38 and not torch.isfinite(weight).all():
                 self._write(key, self._applied.get(key, ()))  # put the layer back as it was
                 raise overflow()
@@ -291,7 +313,7 @@ class AdapterStack:
             weight.copy_(new)
         self._applied[key] = terms
 
-    def _compose(self, mode, active, call, prompt, negative, guidance, switch_every, kwargs):
+    def _compose(self, c: _Composition):
         """switch: one adapter per UNet call, rotating every `switch_every` steps. composite: every
         adapter's prediction each step, averaged with equal weights (as in Zhong et al.): each adapter's
         scale already sets its strength inside its own branch, so weighting by the scales again would
@@ -299,32 +321,34 @@ class AdapterStack:
         averaging the guided predictions. The text encoder is run once per
         adapter with that adapter alone fused, and each UNet call gets its adapter's embeddings."""
         pipe, unet = self.pipe, self.pipe.unet
-        plans = {n: self._plan({n: call[n]}) for n in active}
-        cfg = guidance > 1 and unet.config.time_cond_proj_dim is None  # as the pipeline decides
+        plans = {n: self._plan({n: c.scales[n]}) for n in c.active}
+        cfg = c.guidance > 1 and unet.config.time_cond_proj_dim is None  # as the pipeline decides
         embeds = {}
-        for n in active:
+        for n in c.active:
             self._apply(plans[n], prefix="text_encoder.")
-            pos, neg = pipe.encode_prompt(prompt, pipe._execution_device, 1, cfg, negative)
-            embeds[n] = (pos, neg)
+            embeds[n] = pipe.encode_prompt(c.prompt, pipe._execution_device, 1, cfg, c.negative)  # (pos, neg)
         forward, calls = unet.forward, itertools.count()
 
         def hooked(sample, timestep, encoder_hidden_states=None, *args, **kw):
             kw["return_dict"] = False
-            chosen = [active[next(calls) // switch_every % len(active)]] if mode == "switch" else active
+            if c.mode == "switch":
+                chosen = [c.active[next(calls) // c.switch_every % len(c.active)]]
+            else:
+                chosen = c.active
             out = None
             for n in chosen:
                 self._apply(plans[n], prefix="unet.")
                 pos, neg = embeds[n]
                 eps = forward(sample, timestep, torch.cat([neg, pos]) if cfg else pos, *args, **kw)[0]
-                if mode == "composite" and len(chosen) > 1:  # a lone adapter: merge, bit for bit
+                if c.mode == "composite" and len(chosen) > 1:  # a lone adapter: merge, bit for bit
                     eps = eps / len(chosen)
                 out = eps if out is None else out + eps
             return (out,)
 
         unet.forward = hooked  # an instance attribute shadows the method for this call only
         try:
-            pos, neg = embeds[active[0]]
-            return pipe(prompt_embeds=pos, negative_prompt_embeds=neg, **kwargs).images[0]
+            pos, neg = embeds[c.active[0]]
+            return pipe(prompt_embeds=pos, negative_prompt_embeds=neg, **c.pipe_kwargs).images[0]
         finally:
             del unet.forward
 
