@@ -6,7 +6,6 @@ with nothing half-written and nothing lost. Conventions as in test_bad_inputs.py
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 from pathlib import Path
@@ -152,9 +151,9 @@ def test_checkpoint_with_a_bad_state_field_names_file_and_field(tmp_path, datase
     shutil.copytree(trained.parent / "a.run", run_dir)
     state = run_dir / "checkpoints" / "step-000001" / "state.json"
     state.write_text(json.dumps({**json.loads(state.read_text()), field: value}))
-    _, line = run(capsys, "train", dataset, "--base", tiny_base, "--resume", run_dir, "--out", tmp_path / "a.safetensors",
-                  "--steps", 2, "--batch-size", 1, "--rank", 1, "--sample-every", 0, "--checkpoint-every", 0,
-                  "--log-every", 1, "--no-progress", "--device", "cpu")
+    _, line = run(capsys, "train", dataset, "--base", tiny_base, "--resume", run_dir,
+                  "--out", tmp_path / "a.safetensors", "--steps", 2, "--batch-size", 1, "--rank", 1,
+                  "--sample-every", 0, "--checkpoint-every", 0, "--log-every", 1, "--no-progress", "--device", "cpu")
     assert re.search(rf"checkpoint .*step-000001/state\.json: field '{field}' must be .*, got "
                      rf"{re.escape(repr(value))} .*resume from an earlier checkpoint", line), line
     assert not (tmp_path / "a.safetensors").exists()
@@ -236,7 +235,8 @@ def test_toml_that_is_not_utf8_names_the_file(tmp_path, dataset):
 def test_noise_offset_out_of_range_names_the_field(tmp_path, dataset, no_base, capsys, value):
     (tmp_path / "t.toml").write_text(f"noise_offset = {value}\n")
     _, line = run(capsys, "train", dataset, "--config", tmp_path / "t.toml")
-    assert re.search(rf"noise_offset must be from 0 to 1 \(0\.05-0\.1 is typical\), got {re.escape(f'{float(value):g}')}$", line)
+    shown = re.escape(f"{float(value):g}")
+    assert re.search(rf"noise_offset must be from 0 to 1 \(0\.05-0\.1 is typical\), got {shown}$", line), line
     TrainConfig(noise_offset=1.0)  # the end of the range is fine
 
 
