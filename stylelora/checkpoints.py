@@ -110,6 +110,22 @@ IDENTITY_HINTS = {
 }
 
 
+def _check_state(ckpt: Path, state) -> None:
+    """state.json's fields have the types a resume uses: a hand-edited or damaged file is one error
+    naming the file and the field, not a TypeError in the training loop."""
+    kinds = {"step": (int, "a whole number >= 0"), "config": (dict, "a table"),
+             "optimizer_numbers": (dict, "a table"), "identity": (dict, "a table"),
+             "grad_scaler": (dict, "a table")}
+    for field_name, (kind, what) in kinds.items():
+        if field_name not in state:
+            continue
+        v = state[field_name]
+        if not isinstance(v, kind) or isinstance(v, bool) or (field_name == "step" and v < 0):
+            raise ValueError(f"checkpoint {ckpt / 'state.json'}: field {field_name!r} must be {what}, got "
+                             f"{v!r} ({type(v).__name__}); the file is damaged or was edited: resume from "
+                             "an earlier checkpoint by passing its folder to --resume")
+
+
 def load_checkpoint(ckpt: Path, named_params, optimizer, cfg: TrainConfig | None = None, *, scaler=None,
                     identity: dict | None = None) -> int:
     from safetensors.torch import load_file
@@ -122,6 +138,7 @@ def load_checkpoint(ckpt: Path, named_params, optimizer, cfg: TrainConfig | None
     except Exception as e:  # SafetensorError, OSError, JSON errors: all mean a damaged checkpoint
         raise ValueError(f"checkpoint {ckpt} is damaged ({type(e).__name__}: {e}); resume from an earlier "
                          "one by passing its folder to --resume") from e
+    _check_state(ckpt, state)
     if cfg is not None:
         now = cfg.summary()
         differ = [k for k in now if k in saved and k not in RESUME_MAY_CHANGE and saved[k] != now[k]]

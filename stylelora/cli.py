@@ -5,11 +5,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
 
-from .config import DEFAULT_GUIDANCE, DEFAULT_STEPS, TrainConfig, add_config_flags, load_toml
+from .config import (DEFAULT_GUIDANCE, DEFAULT_STEPS, MAX_SEED, TrainConfig, add_config_flags, check_generation,
+                     load_toml)
+
+# The most images one `generate --sweep` makes (adapters x strengths): each costs a full generation.
+MAX_SWEEP_IMAGES = 64
 from .fileio import atomic_path
 
 
@@ -78,6 +83,12 @@ def cmd_eval(args) -> None:
     from .blend import AdapterStack
     from .evaluate import evaluate
 
+    if args.n < 1:
+        raise UserError(f"--n must be >= 1 (the number of prompts to judge), got {args.n}")
+    check_generation(steps=args.steps, guidance=args.guidance, seed=args.seed, prefix="--")
+    if args.seed + args.n - 1 > MAX_SEED:  # image i uses seed + i
+        raise UserError(f"--seed {args.seed} + --n {args.n} passes 2**63-1: image i uses seed + i; "
+                        "use a smaller --seed")
     adapters = [(load_adapter(path), scale) for path, scale in _scaled_specs(args.adapter)]  # before the base
     pipe = _load(args)
     stack = AdapterStack(pipe)
@@ -176,7 +187,7 @@ def _strengths(text: str) -> list[float]:
         strengths = parse_number_list(text)
     except ValueError:
         strengths = []
-    if not strengths:
+    if not strengths or not all(math.isfinite(s) for s in strengths):
         raise ValueError(f"bad --sweep {text!r}: give comma-separated strengths, e.g. 0,0.5,1")
     return strengths
 
@@ -185,9 +196,14 @@ def cmd_generate(args) -> None:
     from .adapters import load_adapter
     from .blend import AdapterStack, Scale, parse_prompt_loras
 
+    check_generation(steps=args.steps, guidance=args.guidance, seed=args.seed, prefix="--")
     prompt, tagged = parse_prompt_loras(args.prompt, args.adapters_dir)
     specs = _scaled_specs(args.adapter) + [(path, Scale(s, s)) for path, s in tagged]
     size, strengths = _size(args.size), _strengths(args.sweep) if args.sweep else None
+    if strengths and len(specs) * len(strengths) > MAX_SWEEP_IMAGES:
+        raise UserError(f"--sweep of {len(specs)} adapter(s) x {len(strengths)} strength(s) is "
+                        f"{len(specs) * len(strengths)} images, over the cap of {MAX_SWEEP_IMAGES}: "
+                        "sweep fewer strengths or adapters per run")
     out = Path(args.out)
     from PIL import Image
 
@@ -207,13 +223,28 @@ def cmd_generate(args) -> None:
     if strengths:
         from .grid import image_grid
 
-        image = image_grid(stack.sweep(prompt, strengths, **gen), row_labels=stack.names,
+        image = image_grid(_sweep(stack, prompt, strengths, gen), row_labels=stack.names,
                            col_labels=[f"{s:g}" for s in strengths])
     else:
         image = stack.generate(prompt, **gen)
     with atomic_path(out) as tmp:
         image.save(tmp)
     print(f"wrote {out}" + (f" ({len(stack.names)} adapters x {len(strengths)} strengths)" if strengths else ""))
+
+
+def _sweep(stack, prompt: str, strengths: list[float], gen: dict) -> list[list]:
+    """stack.sweep's rows, one image per call, with a progress line per image on stderr."""
+    import time
+
+    total, t0, rows = len(stack.names) * len(strengths), time.perf_counter(), []
+    for name in stack.names:
+        rows.append([])
+        for s in strengths:
+            rows[-1].append(stack.sweep(prompt, [s], names=[name], **gen)[0][0])
+            done = sum(map(len, rows))
+            print(f"sweep: image {done}/{total} ({name} at {s:g}), {time.perf_counter() - t0:.0f} s",
+                  file=sys.stderr, flush=True)
+    return rows
 
 
 def cmd_train(args) -> None:

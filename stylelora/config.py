@@ -16,6 +16,30 @@ from pathlib import Path
 # Generation: the defaults of the CLI, the UI, evaluation and training's sample grids.
 DEFAULT_STEPS = 20
 DEFAULT_GUIDANCE = 5.0
+# What generation accepts (check_generation): sampling steps 1..MAX_STEPS (schedulers have 1000
+# training timesteps), guidance 0..MAX_GUIDANCE (diffusers guides only above 1: 0 to 1 all give the
+# unguided image; past ~30 images burn out, and inf is a black image), seeds 0..MAX_SEED.
+MAX_STEPS = 1000
+MAX_GUIDANCE = 100.0
+MAX_SEED = 2**63 - 1
+# The names of the embedded base (base.EMBEDDED_NAMES; repeated here, as base.py imports torch).
+EMBEDDED_BASE_NAMES = ("embedded", "default", "shapes")
+
+
+def check_generation(*, steps=None, guidance=None, seed=None, prefix: str = "") -> None:
+    """ValueError naming the first out-of-range generation setting (None = not given) and its range.
+    `prefix` is put before the names: "--" for the CLI's flags. Used by the CLI, generate_images,
+    evaluate and AdapterStack.generate, so every way in refuses the same values."""
+    def whole(v) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    if steps is not None and not (whole(steps) and 1 <= steps <= MAX_STEPS):
+        raise ValueError(f"{prefix}steps must be a whole number from 1 to {MAX_STEPS}, got {steps!r}")
+    if guidance is not None and not (isinstance(guidance, (int, float)) and 0 <= guidance <= MAX_GUIDANCE):
+        raise ValueError(f"{prefix}guidance must be a number from 0 to {MAX_GUIDANCE:g} (at most 1 = no "
+                         f"guidance; {DEFAULT_GUIDANCE:g} is the default), got {guidance!r}")
+    if seed is not None and not (whole(seed) and 0 <= seed <= MAX_SEED):
+        raise ValueError(f"{prefix}seed must be a whole number from 0 to 2**63-1 ({MAX_SEED}), got {seed!r}")
 
 # Suffixes of nn.Linear modules per preset. Cross-attention (attn2) is where text meets image:
 # the classic place for a style adapter, and the smallest set that learns one.
@@ -133,9 +157,12 @@ class TrainConfig:
         need(self.device in ("auto", "cpu", "cuda", "mps"), f"device {self.device!r} unknown: use auto, cpu, cuda "
              "or mps (to pick GPUs, set CUDA_VISIBLE_DEVICES or use accelerate launch --gpu_ids)")
         need(self.log_every > 0, f"log_every must be positive, got {self.log_every}: try 10")
-        for name in ("sample_every", "checkpoint_every", "warmup_steps", "weight_decay", "max_grad_norm",
-                     "noise_offset"):
+        for name in ("sample_every", "checkpoint_every", "warmup_steps", "weight_decay", "max_grad_norm"):
             need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
+        # Added to unit-variance noise: past 1 the offset outweighs the noise the model learnt to remove.
+        need(0 <= self.noise_offset <= 1, f"noise_offset must be from 0 to 1 (0.05-0.1 is typical), "
+             f"got {self.noise_offset:g}")
+        need(0 <= self.seed <= MAX_SEED, f"seed must be a whole number from 0 to 2**63-1, got {self.seed}")
         need(self.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1, got {self.keep_checkpoints} "
              "(0 would delete each checkpoint as it is written): use checkpoint_every = 0 for none")
         need(self.targets in UNET_PRESETS, f"targets {self.targets!r} unknown: use one of {sorted(UNET_PRESETS)}")
@@ -151,9 +178,21 @@ class TrainConfig:
         return Path(self.run_dir) if self.run_dir else Path(str(self.out)[: -len(".safetensors")] + ".run")
 
     def summary(self) -> dict:
-        """What goes into the adapter's metadata (reproducible settings, no local paths)."""
+        """What goes into the adapter's metadata and checkpoints: reproducible settings, no local
+        paths (the dataset and base by name only: the folder's or file's name, or "embedded")."""
         skip = {"out", "run_dir", "resume", "progress", "device", "sample_prompts", "base_config"}
-        return {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
+        out = {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
+        out["dataset"] = _name_only(self.dataset)
+        out["base"] = "embedded" if self.base is None or self.base in EMBEDDED_BASE_NAMES else _name_only(self.base)
+        return out
+
+
+def _name_only(path: str) -> str:
+    """A path's last component ("." and "../x" resolved first, so a name is always there)."""
+    if not path:
+        return ""
+    p = Path(path)
+    return p.name if p.name not in ("", ".", "..") else Path(os.path.abspath(p)).name
 
 
 def _check_types(cfg: TrainConfig) -> None:
@@ -190,7 +229,11 @@ def load_toml(path: str | os.PathLike) -> dict:
     if not path.is_file():
         raise FileNotFoundError(f"config file {path} does not exist")
     try:
-        data = tomllib.loads(path.read_text())
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"config file {path} is not UTF-8 text (byte {e.start}): re-save it as UTF-8") from None
+    try:
+        data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise ValueError(f"config file {path} is not valid TOML: {e}") from None
     if isinstance(data.get("train"), dict):  # a [train] table, or top-level keys, not both

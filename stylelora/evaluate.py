@@ -8,7 +8,6 @@ from collections import Counter
 import numpy as np
 from PIL import Image
 
-from .config import DEFAULT_GUIDANCE, DEFAULT_STEPS  # noqa: F401 - ui/app.py still imports them from here
 from .generate import generate_images
 from .world.judge import judge_images
 from .world.render import HELDOUT_COMBOS, PALETTES, TECHNIQUES, Scene
@@ -38,6 +37,8 @@ def score(images: list[Image.Image], scenes: list[Scene], per_image: bool = Fals
 def evaluate(pipe, n: int = 120, seed: int = 0, triggers: list[str] = (), **gen_kwargs) -> dict:
     """Generate n held-out prompts (with the trigger words as trailing tags, as the example
     datasets caption them) and score them."""
+    if not (isinstance(n, int) and n >= 1):
+        raise ValueError(f"n must be a whole number >= 1 (the number of prompts to judge), got {n!r}")
     scenes = heldout_scenes(n, seed)
     prompts = [", ".join([s.caption(), *triggers]) for s in scenes]
     images = generate_images(pipe, prompts, [seed + i for i in range(n)], **gen_kwargs)

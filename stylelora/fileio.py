@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import os
+import secrets
 import shutil
 import tempfile
 from glob import escape as glob_escape
@@ -108,6 +109,67 @@ def _alive(pid: int) -> bool:
     except OSError:  # someone else's process (EPERM), or no way to tell: keep its file
         return True
     return True
+
+
+def file_identity(path: str | os.PathLike) -> tuple[int, int, int, int] | None:
+    """(device, inode, mtime in ns, size) of what is at `path` now, or None when nothing is: two
+    equal identities mean the same file, unchanged (as far as stat can tell)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino, st.st_mtime_ns, st.st_size
+
+
+@contextmanager
+def temp_beside(path: str | os.PathLike) -> Iterator[Path]:
+    """A fresh hidden name beside `path` (not created), named as atomic_path names its temporaries,
+    so one left by a killed process is swept by the next write of `path`; deleted when the block
+    ends. Write it, then link_new / publish_beside / os.replace it into place. Its mode is set to
+    what atomic_path would give `path` (the replaced file's, or a plain open()'s)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _sweep_orphans(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp{path.suffix}")
+    try:
+        yield tmp
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def set_mode_for(tmp: Path, path: Path) -> None:
+    """Give `tmp` the mode `path` has (or a new file would get), before it takes `path`'s place."""
+    os.chmod(tmp, _mode_of(path))
+
+
+def link_new(tmp: Path, path: Path) -> None:
+    """Publish the finished file `tmp` as `path` only if nothing is there: a hard link fails when the
+    name is taken, so of two writers racing for a name one gets FileExistsError and nothing is
+    replaced (what the UI's uploads, converts and merges rely on). On a filesystem without hard links,
+    a check then a rename (a small race). The caller deletes `tmp` after (it may be gone)."""
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise
+    except OSError:
+        if os.path.lexists(path):
+            raise FileExistsError(errno.EEXIST, "File exists", str(path)) from None
+        os.replace(tmp, path)
+    fsync(path.parent)
+
+
+def publish_beside(tmp: Path, path: Path, limit: int = 1000) -> Path:
+    """link_new `tmp` as `path`, or else as the first free `STEM-2.SUFFIX`, `STEM-3.SUFFIX`, ...
+    beside it. Returns the path used; nothing is ever replaced."""
+    for k in range(1, limit + 1):
+        candidate = path if k == 1 else path.with_name(f"{path.stem}-{k}{path.suffix}")
+        try:
+            link_new(tmp, candidate)
+            return candidate
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, f"{path} and {limit - 1} numbered names beside it are all taken: "
+                                        "move some files away", str(path))
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:

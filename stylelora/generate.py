@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from .base import native_size
-from .config import DEFAULT_GUIDANCE, DEFAULT_STEPS
+from .config import DEFAULT_GUIDANCE, DEFAULT_STEPS, check_generation
 
 
 @torch.no_grad()
@@ -15,7 +15,11 @@ def generate_images(pipe, prompts: list[str], seeds: list[int], steps: int = DEF
                     guidance: float = DEFAULT_GUIDANCE, negative: str | None = None,
                     size: tuple[int, int] | None = None, batch: int = 32) -> list[Image.Image]:
     """One image per (prompt, seed). Seed s means torch.Generator('cpu').manual_seed(s), as in
-    plain diffusers, so a batch gives the same images as one call per prompt."""
+    plain diffusers, so a batch gives the same images as one call per prompt. Out-of-range steps,
+    guidance or seeds are a ValueError naming them (check_generation)."""
+    check_generation(steps=steps, guidance=guidance)
+    for s in seeds:
+        check_generation(seed=s)
     width, height = size or (native_size(pipe),) * 2
     images = []
     for i in range(0, len(prompts), batch):

@@ -21,6 +21,7 @@ import csv
 import hashlib
 import json
 import math
+import os
 import shutil
 import time
 from contextlib import contextmanager
@@ -33,7 +34,7 @@ import torch.nn.functional as F
 from .checkpoints import checkpoints_in, find_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig, load_toml  # noqa: F401 - TrainConfig and load_toml are used from here
 from .data import split_tags
-from .fileio import atomic_path, remove_folder, write_text
+from .fileio import atomic_path, file_identity, publish_beside, remove_folder, set_mode_for, temp_beside, write_text
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -141,6 +142,25 @@ def _accelerator(cfg: TrainConfig):
     return accel
 
 
+def _check_outputs(cfg: TrainConfig) -> None:
+    """Refuse, before any work, outputs that would fail at the end or poison the dataset: `out` a
+    folder, and a run folder inside the dataset that discovery would read (the default run folder,
+    OUT without .safetensors + .run, and hidden folders are skipped there)."""
+    out, run = Path(cfg.out), cfg.run_path
+    if out.is_dir():
+        raise ValueError(f"--out {out} is a folder: give a file path ending in .safetensors "
+                         f"(e.g. {out / 'style.safetensors'})")
+    if run.exists() and not run.is_dir():
+        raise ValueError(f"the run folder {run} is a file: move it, or pass --run-dir FOLDER")
+    data, inside = Path(cfg.dataset).resolve(), run.resolve()
+    if inside != data and data in inside.parents:
+        parts = inside.relative_to(data).parts
+        if not any(p.endswith(".run") or p.startswith(".") for p in parts):
+            raise ValueError(f"the run folder {run} is inside the dataset {cfg.dataset}: the next training "
+                             "would train on its loss plot and sample grids. Name it NAME.run "
+                             "(--run-dir NAME.run) or put it outside the dataset")
+
+
 def _clean_run_folder(run: Path, ckpt: Path | None, start: int) -> None:
     """The run folder holds this run's states only, so a later `--resume RUN` continues this run:
     a new run removes every checkpoint there; a resume removes those it does not continue (later
@@ -190,6 +210,10 @@ class _Run:
             raise ValueError("no dataset: set TrainConfig.dataset to a folder of images with same-stem captions")
         if not Path(cfg.dataset).is_dir():
             discover(cfg.dataset, cfg.caption_ext)  # raises, naming the path and the fix
+        _check_outputs(cfg)
+        # What is at `out` now: the user's earlier adapter, replaced at the end as usual. A file that
+        # appears there (or changes) while this run trains is someone else's and is kept.
+        self.out_before = file_identity(cfg.out)
         self.cfg, self.run_dir = cfg, cfg.run_path
         self.ckpt = find_checkpoint(cfg.resume) if cfg.resume else None
         self.accel = _accelerator(cfg)
@@ -463,14 +487,14 @@ class _Run:
         self.accel.wait_for_everyone()
         out = Path(self.cfg.out)
         if self.accel.is_main_process:
-            self._save_adapter(out, done, t0)
+            out = self._save_adapter(out, done, t0)
             print(f"wrote {out} ({out.stat().st_size / 1e3:.0f} kB); run folder {self.run_dir}")
             self._plot_loss()
         self.accel.wait_for_everyone()
         self.accel.end_training()
         return out
 
-    def _save_adapter(self, out: Path, done: int, t0: float) -> None:
+    def _save_adapter(self, out: Path, done: int, t0: float) -> Path:
         from .adapters import adapter_from_pipeline, save_adapter
         from .base import base_name
 
@@ -484,14 +508,29 @@ class _Run:
                                               "seconds": round(time.time() - t0, 1)}),
             "stylelora.dataset": json.dumps(self.data.summary()),
         })
-        out.parent.mkdir(parents=True, exist_ok=True)
         try:
-            save_adapter(adapter, out)
+            with temp_beside(out) as tmp:
+                save_adapter(adapter, tmp)
+                return self._publish(tmp, out)
         except OSError as e:
             last = checkpoints_in(run / "checkpoints")
             raise OSError(e.errno, f"{e.strerror or e}; the trained adapter was not written. " + (
                 f"Free space, then `--resume {run}` continues from {last[-1].name}" if last else
                 "There is no checkpoint to resume from: free space and train again")) from e
+
+    def _publish(self, tmp: Path, out: Path) -> Path:
+        """The written adapter `tmp` into place: over the file that was at `out` when the run started
+        (the user's earlier adapter), never over one that appeared or changed there since (an upload,
+        convert, merge or other training under that name): then beside it, as OUT-2.safetensors, ..."""
+        if self.out_before is not None and file_identity(out) == self.out_before:
+            set_mode_for(tmp, out)
+            os.replace(tmp, out)
+            return out
+        written = publish_beside(tmp, out)
+        if written != out:
+            print(f"note: {out} appeared or changed while this run trained, so it was kept; the trained "
+                  f"adapter is {written} (rename it as you like)")
+        return written
 
     def _plot_loss(self) -> None:
         from .plots import plot_loss

@@ -28,7 +28,7 @@ if str(ROOT) not in sys.path:  # ui/ is a top-level folder beside the package, n
 def make_adapter(pipe, path: Path, seed: int, triggers=(), rank: int = 4, strength: float = 0.5) -> Path:
     """A random (untrained) LoRA on cross-attention and the text encoder, big enough that every
     scale visibly changes the output."""
-    from stylelora.adapters import Adapter, LoraLayer, save_adapter, stylelora_metadata
+    from stylelora.adapters import Adapter, LoraFactors, save_adapter, stylelora_metadata
     from stylelora.lora import text_encoder_targets, unet_targets
 
     g = torch.Generator().manual_seed(seed)
@@ -38,7 +38,7 @@ def make_adapter(pipe, path: Path, seed: int, triggers=(), rank: int = 4, streng
         mods = dict(model.named_modules())
         for n in names:
             w = mods[n].weight
-            layers[f"{comp}.{n.removeprefix('text_model.')}"] = LoraLayer(
+            layers[f"{comp}.{n.removeprefix('text_model.')}"] = LoraFactors(
                 torch.randn(rank, w.shape[1], generator=g) * strength,
                 torch.randn(w.shape[0], rank, generator=g) * strength, alpha=rank)
     return save_adapter(Adapter(layers, stylelora_metadata(trigger_words=list(triggers))), path)

@@ -46,6 +46,7 @@ import gradio as gr
 
 from stylelora.blend import MODES
 from stylelora.fileio import write_text
+from stylelora.parsing import parse_number_list
 
 MAX_SLOTS = 8
 
@@ -297,7 +298,7 @@ class StyleloraUI:
 
     def __init__(self, adapters_dir, base=None, *, datasets_dir="datasets", base_config=None,
                  device="cpu", max_adapter_mb=512, max_dataset_mb=512, any_folder=True):
-        from stylelora.base import load_base
+        from stylelora.base import load_base, native_size
         from stylelora.blend import AdapterStack
 
         self.adapters_dir = Path(adapters_dir).expanduser().resolve()
@@ -312,7 +313,7 @@ class StyleloraUI:
         # Training runs where the app's model runs (TrainConfig takes a device type, not cuda:N).
         self.device = self.pipe.device.type
         self.stack = AdapterStack(self.pipe)
-        self.native = self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
+        self.native = native_size(self.pipe)
         self._lock = threading.Lock()  # adding/removing adapters and files; generation locks the stack
         self._stamps: dict[str, tuple[int, int]] = {}  # name -> (mtime, size) of the loaded file
         self.job: TrainJob | None = None
@@ -397,7 +398,7 @@ class StyleloraUI:
         _check_length(prompt=prompt, negative_prompt=negative, sweep_strengths=strengths)
         seed = _number(seed, "seed", int)
         try:
-            values = [float(v) for v in re.split(r"[,\s]+", strengths.strip()) if v]
+            values = parse_number_list(strengths)
         except ValueError:
             raise ValueError(f"strengths {strengths!r}: write numbers separated by commas, e.g. 0, 0.5, 1") from None
         text, wanted = self._request(prompt, slots)
@@ -636,7 +637,7 @@ class StyleloraUI:
 
         names = list(names or [])
         try:
-            ws = [float(w) for w in re.split(r"[,\s]+", (weights or "").strip()) if w] or [1.0] * len(names)
+            ws = parse_number_list(weights or "") or [1.0] * len(names)
         except ValueError:
             raise ValueError(f"weights {weights!r}: write one number per adapter, e.g. 0.5, 0.5") from None
         if len(names) < 2 or len(ws) != len(names):
@@ -714,7 +715,7 @@ def _slot_row(ui: StyleloraUI, i: int, prompt: gr.Textbox) -> SlotRow:
 
 def _generate_tab(ui: StyleloraUI) -> SimpleNamespace:
     """Prompt and settings, one SlotRow per adapter slot, the image and the strength sweep."""
-    from stylelora.evaluate import DEFAULT_GUIDANCE, DEFAULT_STEPS
+    from stylelora.config import DEFAULT_GUIDANCE, DEFAULT_STEPS
 
     with gr.Tab("Generate") as tab:
         with gr.Row():
