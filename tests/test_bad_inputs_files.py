@@ -263,3 +263,171 @@ def test_only_bad_files_is_still_one_error(tmp_path):
     with pytest.raises(ValueError, match=r"no usable image in .*: 2 file\(s\) skipped \(a\.png: empty file.*"
                                          r"broken\.png: a broken link.*fix or replace them"):
         CaptionFolder(tmp_path)
+
+
+# ----------------------------------------------------------------------------- adapter files
+
+OK = {"unet.a.lora_A.weight": torch.ones(1, 2), "unet.a.lora_B.weight": torch.ones(2, 1)}
+KOHYA = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"
+DIFF = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k"
+TE = "encoder.layers.0.mlp.fc1"
+
+
+def _pair(name: str, a: str = "lora_A", b: str = "lora_B") -> dict[str, torch.Tensor]:
+    return {f"{name}.{a}.weight": torch.ones(1, 2), f"{name}.{b}.weight": torch.ones(2, 1)}
+
+
+def _meta(entry: str, value: str):
+    return lambda p: save_file(OK, p, metadata={entry: value})
+
+
+TWICE = r"x\.safetensors: {} and {} are two spellings of the same LoRA weight, {}, and a loader would silently keep " \
+        r"only one; keep one spelling \(re-export the file\)"
+NOT_ST = r"x\.safetensors is not a safetensors file: it is {}; stylelora loads LoRA adapters saved as \.safetensors: {}"
+ADAPTERS = {  # id: (writer(path), message pattern)
+    "metadata-alpha-nan": (_meta("lora_adapter_metadata", '{"unet.lora_alpha": NaN}'),
+                           r"x\.safetensors: metadata 'lora_adapter_metadata' holds NaN, which is not a finite number; "
+                           r"fix or delete that entry"),
+    "metadata-alpha-infinity": (_meta("lora_adapter_metadata", '{"unet.alpha_pattern": {"a": -Infinity}}'),
+                                r"metadata 'lora_adapter_metadata' holds -Infinity, which is not a finite number"),
+    "metadata-alpha-overflows": (_meta("lora_adapter_metadata", '{"unet.lora_alpha": 1e999}'),
+                                 r"metadata 'lora_adapter_metadata' holds 1e999, which is not a finite number"),
+    "metadata-alpha-huge-int": (_meta("lora_adapter_metadata", '{"unet.lora_alpha": 1%s}' % ("0" * 60)),
+                                r"has unet\.lora_alpha = 10{60}, which must be a number \(finite, within float32's "
+                                r"range\); fix or delete that entry"),
+    "metadata-alpha-past-float32": (_meta("lora_adapter_metadata", '{"unet.lora_alpha": 1e300}'),
+                                    r"has unet\.lora_alpha = 1e\+300, which must be a number \(finite"),
+    "metadata-alpha-pattern-bad-regex": (_meta("lora_adapter_metadata", '{"unet.alpha_pattern": {"a(": 2}}'),
+                                         r"x\.safetensors: metadata 'lora_adapter_metadata' has unet\.alpha_pattern key "
+                                         r"'a\(', which is not a valid regular expression \(missing \), unterminated "
+                                         r"subpattern .*\); fix or delete that entry"),
+    "metadata-training-nan": (_meta("stylelora.training", '{"lr": NaN}'),
+                              r"metadata 'stylelora\.training' holds NaN, which is not a finite number"),
+    "metadata-deeply-nested": (_meta("stylelora.training", "[" * 100_000 + "]" * 100_000),
+                               r"metadata 'stylelora\.training' is not valid JSON .*fix or delete that entry"),
+    "metadata-int-over-4300-digits": (_meta("stylelora.rank", "1" * 5000),
+                                      r"metadata 'stylelora\.rank' is not valid JSON .*fix or delete that entry"),
+    "alpha-tensor-nan": (lambda p: save_file({**OK, "unet.a.alpha": torch.tensor(float("nan"))}, p),
+                         r"x\.safetensors: tensor unet\.a\.alpha contains NaN/inf values"),
+    "alpha-tensor-inf-float16": (lambda p: save_file({**OK, "unet.a.alpha": torch.tensor(7e4).half()}, p),
+                                 r"x\.safetensors: tensor unet\.a\.alpha contains NaN/inf values"),
+    "alpha-tensor-past-float32": (lambda p: save_file({**OK, "unet.a.alpha": torch.tensor(1e300, dtype=torch.float64)},
+                                                      p),
+                                  r"x\.safetensors: tensor unet\.a\.alpha holds values beyond float32's range"),
+    "alpha-tensor-complex": (lambda p: save_file({**OK, "unet.a.alpha": torch.tensor(1 + 2j, dtype=torch.complex64)}, p),
+                             r"x\.safetensors: unet\.a\.alpha is complex64, not a real number \(the layer's alpha\)"),
+    "float8-nan": (lambda p: save_file({**OK, "unet.a.lora_A.weight": torch.tensor([[1.0, float("nan")]]).to(
+        torch.float8_e4m3fn)}, p), r"x\.safetensors: tensor unet\.a\.lora_A\.weight contains NaN/inf values"),
+    "only-alpha": (lambda p: save_file({"unet.a.alpha": torch.tensor(2.0), "unet.b.alpha": torch.tensor(2.0)}, p),
+                   r"no LoRA weights in \S*x\.safetensors: it holds only alpha values \(unet\.a\.alpha, unet\.b\.alpha\), "
+                   r"no lora_A/lora_B \(or lora_down/lora_up\) weights; the file is incomplete: re-export it"),
+    "only-alpha-kohya": (lambda p: save_file({f"{KOHYA}.alpha": torch.tensor(2.0)}, p),
+                         rf"no LoRA weights in \S*x\.safetensors: it holds only alpha values \({KOHYA}\.alpha\)"),
+    "twice-bare-and-prefixed": (lambda p: save_file({**_pair(DIFF), **_pair(DIFF.removeprefix("unet."))}, p),
+                                TWICE.format(re.escape(DIFF.removeprefix("unet.") + ".lora_A.weight"),
+                                             re.escape(DIFF + ".lora_A.weight"), re.escape(DIFF + ".lora_A"))),
+    "twice-clip-with-and-without-text-model": (
+        lambda p: save_file({**_pair(f"text_encoder.{TE}"), **_pair(f"text_encoder.text_model.{TE}")}, p),
+        TWICE.format(re.escape(f"text_encoder.{TE}.lora_A.weight"), re.escape(f"text_encoder.text_model.{TE}.lora_A.weight"),
+                     re.escape(f"text_encoder.{TE}.lora_A"))),
+    "twice-old-and-new-diffusers": (
+        lambda p: save_file({**_pair(f"{DIFF[:-4]}processor.to_k_lora", "down", "up"), **_pair(DIFF)}, p),
+        TWICE.format(re.escape(f"{DIFF[:-4]}processor.to_k_lora.down.weight"), re.escape(f"{DIFF}.lora_A.weight"),
+                     re.escape(f"{DIFF}.lora_A"))),
+    "twice-kohya-and-diffusers": (lambda p: save_file({**_pair(KOHYA, "lora_down", "lora_up"), **_pair(DIFF)}, p),
+                                  TWICE.format(re.escape(f"{KOHYA}.lora_down.weight"), re.escape(f"{DIFF}.lora_A.weight"),
+                                               re.escape(f"{DIFF}.lora_A"))),
+    "twice-kohya-te-and-te1": (
+        lambda p: save_file({**_pair("lora_te_text_model_encoder_layers_0_mlp_fc1", "lora_down", "lora_up"),
+                             **_pair("lora_te1_text_model_encoder_layers_0_mlp_fc1", "lora_down", "lora_up")}, p),
+        TWICE.format(r"lora_te1?_text_model_encoder_layers_0_mlp_fc1\.lora_down\.weight",
+                     r"lora_te1?_text_model_encoder_layers_0_mlp_fc1\.lora_down\.weight",
+                     re.escape(f"text_encoder.{TE}.lora_A"))),
+    "kohya-and-diffusers-layers-mixed": (
+        lambda p: save_file({**_pair(KOHYA, "lora_down", "lora_up"), **_pair("unet.conv_in")}, p),
+        rf"x\.safetensors mixes kohya keys \({KOHYA}\.lora_down\.weight\) and diffusers/PEFT keys "
+        r"\(unet\.conv_in\.lora_A\.weight\); loaders read one convention per file: re-export it in one"),
+    "png-renamed": (lambda p: p.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(64)),
+                    NOT_ST.format("a PNG image", r"re-download it, or export the LoRA as \.safetensors")),
+    "html-error-page": (lambda p: p.write_bytes(b"\n<!DOCTYPE html><html>Rate limited</html>"),
+                        NOT_ST.format(r"an HTML or XML page \(a failed download\?\)", "re-download it")),
+    "git-lfs-pointer": (lambda p: p.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:ab\nsize 9\n"),
+                        NOT_ST.format("a Git LFS pointer to the file", r"run `git lfs pull` to fetch the file itself")),
+    "zip-of-images": (lambda p: p.write_bytes(b"PK\x03\x04" + bytes(22) + b"\x05\x00\x00\x00a.png" + bytes(40)),
+                      NOT_ST.format("a zip archive", r"unzip it: the \.safetensors file may be inside")),
+    "text-file": (lambda p: p.write_text("these are my lora notes, not weights\n"),
+                  NOT_ST.format(r"something else \(it starts with b'these ar'\)", "re-download it")),
+    "nine-bytes": (lambda p: p.write_bytes(b"abcdefghi"),
+                   NOT_ST.format(r"something else \(it starts with b'abcdefgh'\)", "re-download it")),
+}
+
+
+@pytest.mark.parametrize("case", list(ADAPTERS))
+def test_bad_adapter_file_is_one_error_naming_it(tmp_path, case):
+    write, pattern = ADAPTERS[case]
+    path = tmp_path / "x.safetensors"
+    write(path)
+    before = path.read_bytes()
+    with pytest.raises(ValueError, match=pattern):
+        load_adapter(path)
+    assert path.read_bytes() == before and [p.name for p in tmp_path.iterdir()] == ["x.safetensors"]
+
+
+def test_the_message_names_no_false_header_size_or_pickle(tmp_path):
+    """The outsider's report: a PNG showed 'declares a 727905341920923785-byte header', a zip 'pickle-based'."""
+    for name, data in (("a", b"\x89PNG\r\n\x1a\n" + bytes(64)), ("b", b"PK\x03\x04" + bytes(64))):
+        (tmp_path / f"{name}.safetensors").write_bytes(data)
+        with pytest.raises(ValueError) as e:
+            load_adapter(tmp_path / f"{name}.safetensors")
+        assert "byte header" not in str(e.value) and "pickle" not in str(e.value)
+
+
+def test_torch_zip_is_still_pickle_based(tmp_path):
+    import zipfile
+
+    with zipfile.ZipFile(tmp_path / "x.safetensors", "w") as z:
+        z.writestr("style/data.pkl", b"\x80\x02}q\x00.")
+    with pytest.raises(ValueError, match=r"x\.safetensors is a pickle-based file; stylelora only loads \.safetensors"):
+        load_adapter(tmp_path / "x.safetensors")
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.float8_e5m2])
+def test_float8_adapter_loads_as_float32_exactly(tmp_path, dtype):
+    g = torch.Generator().manual_seed(0)
+    down, up = (torch.randn(2, 8, generator=g) / 4).to(dtype), (torch.randn(8, 2, generator=g) / 4).to(dtype)
+    save_file({f"{DIFF}.lora_A.weight": down, f"{DIFF}.lora_B.weight": up, f"{DIFF}.alpha": torch.tensor(4.0).to(dtype)},
+              tmp_path / "f8.safetensors")
+    layer = load_adapter(tmp_path / "f8.safetensors").layers[DIFF]
+    assert layer.down.dtype == layer.up.dtype == torch.float32 and layer.alpha == 4.0
+    assert torch.equal(layer.down, down.float()) and torch.equal(layer.up, up.float())
+    assert torch.isfinite(layer.delta()).all()
+
+
+def test_layer_alpha_must_be_finite():
+    for alpha in (float("nan"), float("inf"), -float("inf"), 1e39, 10**400, True, "4"):
+        with pytest.raises(ValueError, match=r"LoRA alpha is .*: it must be a finite number within float32's range"):
+            from stylelora.adapters import LoraLayer
+
+            LoraLayer(torch.ones(1, 2), torch.ones(2, 1), alpha)
+
+
+def test_nan_alpha_through_the_cli_is_one_error_and_no_invalid_json(tmp_path):
+    from test_bad_inputs import assert_one_error, cli
+
+    save_file(OK, tmp_path / "x.safetensors", metadata={"lora_adapter_metadata": '{"unet.lora_alpha": NaN}'})
+    done = cli("inspect", "x.safetensors", "--json", cwd=tmp_path)
+    assert_one_error(done, r"x\.safetensors: metadata 'lora_adapter_metadata' holds NaN, which is not a finite number")
+    assert done.stdout == ""
+    (tmp_path / "y.safetensors").write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(64))
+    assert_one_error(cli("inspect", "y.safetensors", cwd=tmp_path), r"y\.safetensors is not a safetensors file: it is "
+                                                                     r"a PNG image")
+
+
+def test_good_adapters_still_load_and_describe_as_json(tmp_path):
+    save_file({**_pair(DIFF), f"{DIFF}.alpha": torch.tensor(2.0)}, tmp_path / "d.safetensors",
+              metadata={"lora_adapter_metadata": json.dumps({"unet.lora_alpha": 3.0})})
+    ad = load_adapter(tmp_path / "d.safetensors")
+    assert ad.layers[DIFF].alpha == 3.0  # the LoraConfig metadata wins over .alpha, as in diffusers
+    json.dumps(describe(ad), allow_nan=False)
+    save_file(_pair(KOHYA, "lora_down", "lora_up"), tmp_path / "k.safetensors")
+    assert load_adapter(tmp_path / "k.safetensors").layers[DIFF].alpha == 1.0
