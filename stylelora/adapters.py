@@ -55,6 +55,7 @@ _MAGIC = ((b"\x89PNG", "a PNG image", _REFETCH), (b"\xff\xd8\xff", "a JPEG image
           (b"GGUF", "a GGUF model file", _REFETCH), (b"\x1f\x8b", "a gzip archive", "unpack it first"),
           (b"PK\x03\x04", "a zip archive", "unzip it: the .safetensors file may be inside"),
           (b"version https://git-lfs", "a Git LFS pointer to the file", "run `git lfs pull` to fetch the file itself"))
+_PART = {"A": "lora_A", "B": "lora_B", "alpha": "alpha"}
 _PEFT_KEY = re.compile(r"^(?P<module>.+)\.(?:lora_(?P<ab>[AB])\.weight|(?P<alpha>alpha))$")
 
 
@@ -277,8 +278,9 @@ def _read_checked(path: Path, max_header_bytes: int) -> tuple[dict[str, torch.Te
         kind, fix = next(((k, f) for magic, k, f in _MAGIC if head.startswith(magic)), (None, _REFETCH))
         if kind is None and head.lstrip()[:1] == b"<":
             kind = "an HTML or XML page (a failed download?)"
-        raise ValueError(f"{path} is not a safetensors file: it is {kind or f'something else (it starts with {head[:8]!r})'}"
-                         f"; stylelora loads LoRA adapters saved as .safetensors: {fix}")
+        kind = kind or f"something else (it starts with {head[:8]!r})"
+        raise ValueError(f"{path} is not a safetensors file: it is {kind}; stylelora loads LoRA adapters saved as "
+                         f".safetensors: {fix}")
     if n > max_header_bytes:
         raise ValueError(f"{path} declares a {n}-byte header, over max_header_bytes={max_header_bytes}: "
                          "the file is corrupt, or pass a larger max_header_bytes if you trust it")
@@ -424,7 +426,7 @@ def _layers(path: Path, comp: str, sd: dict[str, tuple[str, torch.Tensor]],
         module = m["module"].removeprefix("text_model.") if comp == "text_encoder" else m["module"]
         part = "alpha" if m["alpha"] else m["ab"]
         if (module, part) in seen:  # e.g. CLIP with and without text_model., old and new diffusers keys
-            raise _twice(path, seen[module, part], file_key, f"{comp}.{module}.{part if m['alpha'] else 'lora_' + part}")
+            raise _twice(path, seen[module, part], file_key, f"{comp}.{module}.{_PART[part]}")
         seen[module, part] = file_key
         if m["alpha"]:
             alphas[module] = _scalar(path, file_key, t)
@@ -439,9 +441,15 @@ def _layers(path: Path, comp: str, sd: dict[str, tuple[str, torch.Tensor]],
                              "the file is incomplete, re-export it")
         try:
             rank = ab["A"].shape[0] if ab["A"].ndim else 0  # a 0-d "matrix" fails in LoraLayer below
-            layers[f"{comp}.{module}"] = LoraLayer(ab["A"], ab["B"], alpha_of(module, rank, alphas.get(module)))
+            layer = layers[f"{comp}.{module}"] = LoraLayer(ab["A"], ab["B"], alpha_of(module, rank, alphas.get(module)))
         except (ValueError, TypeError) as e:
             raise ValueError(f"{path}: layer {comp}.{module}: {e}") from e
+        # Every entry of the update is a sum of `rank` products: bounded by this. Only when the
+        # bound is past float32 is the update itself computed to see whether it really overflows.
+        bound = layer.rank * float(layer.up.abs().max()) * float(layer.down.abs().max()) * abs(layer.scale)
+        if not bound < _F32_MAX and not torch.isfinite(layer.delta()).all():
+            raise ValueError(f"{path}: layer {comp}.{module}: its weight update (up @ down * alpha / rank, alpha = "
+                             f"{layer.alpha:g}) overflows float32 to inf; the adapter is broken: re-export it")
         if origins is not None:
             origins[f"{comp}.{module}"] = seen[module, "A"]
     return layers

@@ -135,8 +135,9 @@ def _image_files(root: Path, skipped: list[tuple[Path, str]] | None = None) -> l
     skipped = [] if skipped is None else skipped
 
     def unreadable(e: OSError) -> None:
-        skipped.append((Path(_printable(os.fspath(e.filename))), f"folder not readable ({e.strerror}); fix its "
-                                                                 "permissions (chmod +rx) or move it out of the dataset"))
+        folder = Path(_printable(os.fspath(e.filename)))
+        skipped.append((folder, f"folder not readable ({e.strerror}); fix its permissions (chmod +rx) or move it "
+                                "out of the dataset"))
 
     found = []
     for dirpath, dirnames, filenames in os.walk(root, onerror=unreadable):

@@ -51,6 +51,7 @@ def check_file(path: Path) -> Adapter | None:
             assert torch.isfinite(t).all(), key
         assert layer.down.shape[0] == layer.up.shape[1] == layer.rank >= 1, key
         assert isinstance(layer.alpha, float) and abs(layer.alpha) <= torch.finfo(torch.float32).max, key
+        assert torch.isfinite(layer.delta()).all(), key  # what blending adds to the base weight
     json.dumps(describe(ad), allow_nan=False)  # what `inspect --json` prints: strict JSON
     return ad
 
@@ -86,8 +87,8 @@ def spellings(comp: str, module: str) -> list[tuple[str, str, str, str]]:
                 "kohya")]
         if ".to_" in module:  # the oldest attention-processor spelling
             head, proj = module.rsplit(".", 1)
-            out.append((f"unet.{head}.processor.{proj}_lora.down.weight", f"unet.{head}.processor.{proj}_lora.up.weight",
-                        f"unet.{head}.processor.{proj}_lora.alpha", "processor"))
+            old = f"unet.{head}.processor.{proj}_lora"
+            out.append((f"{old}.down.weight", f"{old}.up.weight", f"{old}.alpha", "processor"))
         return out
     return [(f"text_encoder.{module}.lora_A.weight", f"text_encoder.{module}.lora_B.weight",
              f"text_encoder.{module}.alpha", "peft"),
@@ -162,7 +163,8 @@ def lora_config(draw) -> str:
             config[f"{comp}.lora_alpha"] = draw(st.one_of(VALUES, st.integers(-3, 10**40), json_value))
         if draw(st.booleans()):
             keys = st.one_of(st.sampled_from(["to_q", "attn1.to_q", "q_proj", "text_model.encoder.layers.0.mlp.fc1",
-                                              "conv_in", "a(", "[", "*", "(x+)+$", "proj_in|to_k"]), st.text(max_size=5))
+                                              "conv_in", "a(", "[", "*", "(x+)+$", "proj_in|to_k"]),
+                             st.text(max_size=5))
             config[f"{comp}.alpha_pattern"] = draw(st.one_of(st.dictionaries(keys, VALUES, max_size=3), json_value))
         if draw(st.booleans()):
             config[f"{comp}.use_rslora"] = draw(json_value)

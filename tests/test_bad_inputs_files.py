@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import struct
 import time
 from pathlib import Path
 
@@ -110,7 +109,7 @@ def _jsonl(root: Path, *rows: dict) -> None:
 @pytest.mark.parametrize("text, reason", [
     ("a" * (MAX_CAPTION_BYTES + 1), rf"the caption on metadata\.jsonl line 2 is {MAX_CAPTION_BYTES + 1} bytes, over "
                                     rf"MAX_CAPTION_BYTES = {MAX_CAPTION_BYTES}; .*shorten it"),
-    ("é" * (MAX_CAPTION_BYTES // 2 + 1), r"the caption on metadata\.jsonl line 2 is 65538 bytes, over"),  # bytes, not chars
+    ("é" * (MAX_CAPTION_BYTES // 2 + 1), r"the caption on metadata\.jsonl line 2 is 65538 bytes, over"),  # not chars
     ("a\0b", r"the caption on metadata\.jsonl line 2 holds NUL bytes \(UTF-16, or not text\?\); re-save it"),
     ("a \ud800 b", r"the caption on metadata\.jsonl line 2 holds \\ud800, which is not a character \(a lone "
                    r"surrogate\); fix the text"),
@@ -298,9 +297,9 @@ ADAPTERS = {  # id: (writer(path), message pattern)
     "metadata-alpha-past-float32": (_meta("lora_adapter_metadata", '{"unet.lora_alpha": 1e300}'),
                                     r"has unet\.lora_alpha = 1e\+300, which must be a number \(finite"),
     "metadata-alpha-pattern-bad-regex": (_meta("lora_adapter_metadata", '{"unet.alpha_pattern": {"a(": 2}}'),
-                                         r"x\.safetensors: metadata 'lora_adapter_metadata' has unet\.alpha_pattern key "
-                                         r"'a\(', which is not a valid regular expression \(missing \), unterminated "
-                                         r"subpattern .*\); fix or delete that entry"),
+                                         r"x\.safetensors: metadata 'lora_adapter_metadata' has "
+                                         r"unet\.alpha_pattern key 'a\(', which is not a valid regular expression "
+                                         r"\(missing \), unterminated subpattern .*\); fix or delete that entry"),
     "metadata-training-nan": (_meta("stylelora.training", '{"lr": NaN}'),
                               r"metadata 'stylelora\.training' holds NaN, which is not a finite number"),
     "metadata-deeply-nested": (_meta("stylelora.training", "[" * 100_000 + "]" * 100_000),
@@ -314,13 +313,19 @@ ADAPTERS = {  # id: (writer(path), message pattern)
     "alpha-tensor-past-float32": (lambda p: save_file({**OK, "unet.a.alpha": torch.tensor(1e300, dtype=torch.float64)},
                                                       p),
                                   r"x\.safetensors: tensor unet\.a\.alpha holds values beyond float32's range"),
-    "alpha-tensor-complex": (lambda p: save_file({**OK, "unet.a.alpha": torch.tensor(1 + 2j, dtype=torch.complex64)}, p),
+    "alpha-overflows-the-update": (lambda p: save_file({**OK, "unet.a.lora_A.weight": torch.full((1, 2), 10.0)}, p,
+                                                       metadata={"lora_adapter_metadata": '{"unet.lora_alpha": 1e38}'}),
+                                   r"x\.safetensors: layer unet\.a: its weight update \(up @ down \* alpha / rank, "
+                                   r"alpha = 1e\+38\) overflows float32 to inf; the adapter is broken: re-export it"),
+    "alpha-tensor-complex": (lambda p: save_file({**OK, "unet.a.alpha": torch.tensor(1 + 2j, dtype=torch.complex64)},
+                                                 p),
                              r"x\.safetensors: unet\.a\.alpha is complex64, not a real number \(the layer's alpha\)"),
     "float8-nan": (lambda p: save_file({**OK, "unet.a.lora_A.weight": torch.tensor([[1.0, float("nan")]]).to(
         torch.float8_e4m3fn)}, p), r"x\.safetensors: tensor unet\.a\.lora_A\.weight contains NaN/inf values"),
     "only-alpha": (lambda p: save_file({"unet.a.alpha": torch.tensor(2.0), "unet.b.alpha": torch.tensor(2.0)}, p),
-                   r"no LoRA weights in \S*x\.safetensors: it holds only alpha values \(unet\.a\.alpha, unet\.b\.alpha\), "
-                   r"no lora_A/lora_B \(or lora_down/lora_up\) weights; the file is incomplete: re-export it"),
+                   r"no LoRA weights in \S*x\.safetensors: it holds only alpha values \(unet\.a\.alpha, "
+                   r"unet\.b\.alpha\), no lora_A/lora_B \(or lora_down/lora_up\) weights; the file is incomplete: "
+                   r"re-export it"),
     "only-alpha-kohya": (lambda p: save_file({f"{KOHYA}.alpha": torch.tensor(2.0)}, p),
                          rf"no LoRA weights in \S*x\.safetensors: it holds only alpha values \({KOHYA}\.alpha\)"),
     "twice-bare-and-prefixed": (lambda p: save_file({**_pair(DIFF), **_pair(DIFF.removeprefix("unet."))}, p),
@@ -328,15 +333,15 @@ ADAPTERS = {  # id: (writer(path), message pattern)
                                              re.escape(DIFF + ".lora_A.weight"), re.escape(DIFF + ".lora_A"))),
     "twice-clip-with-and-without-text-model": (
         lambda p: save_file({**_pair(f"text_encoder.{TE}"), **_pair(f"text_encoder.text_model.{TE}")}, p),
-        TWICE.format(re.escape(f"text_encoder.{TE}.lora_A.weight"), re.escape(f"text_encoder.text_model.{TE}.lora_A.weight"),
-                     re.escape(f"text_encoder.{TE}.lora_A"))),
+        TWICE.format(re.escape(f"text_encoder.{TE}.lora_A.weight"),
+                     re.escape(f"text_encoder.text_model.{TE}.lora_A.weight"), re.escape(f"text_encoder.{TE}.lora_A"))),
     "twice-old-and-new-diffusers": (
         lambda p: save_file({**_pair(f"{DIFF[:-4]}processor.to_k_lora", "down", "up"), **_pair(DIFF)}, p),
         TWICE.format(re.escape(f"{DIFF[:-4]}processor.to_k_lora.down.weight"), re.escape(f"{DIFF}.lora_A.weight"),
                      re.escape(f"{DIFF}.lora_A"))),
     "twice-kohya-and-diffusers": (lambda p: save_file({**_pair(KOHYA, "lora_down", "lora_up"), **_pair(DIFF)}, p),
-                                  TWICE.format(re.escape(f"{KOHYA}.lora_down.weight"), re.escape(f"{DIFF}.lora_A.weight"),
-                                               re.escape(f"{DIFF}.lora_A"))),
+                                  TWICE.format(re.escape(f"{KOHYA}.lora_down.weight"),
+                                               re.escape(f"{DIFF}.lora_A.weight"), re.escape(f"{DIFF}.lora_A"))),
     "twice-kohya-te-and-te1": (
         lambda p: save_file({**_pair("lora_te_text_model_encoder_layers_0_mlp_fc1", "lora_down", "lora_up"),
                              **_pair("lora_te1_text_model_encoder_layers_0_mlp_fc1", "lora_down", "lora_up")}, p),
@@ -395,7 +400,8 @@ def test_torch_zip_is_still_pickle_based(tmp_path):
 def test_float8_adapter_loads_as_float32_exactly(tmp_path, dtype):
     g = torch.Generator().manual_seed(0)
     down, up = (torch.randn(2, 8, generator=g) / 4).to(dtype), (torch.randn(8, 2, generator=g) / 4).to(dtype)
-    save_file({f"{DIFF}.lora_A.weight": down, f"{DIFF}.lora_B.weight": up, f"{DIFF}.alpha": torch.tensor(4.0).to(dtype)},
+    alpha = torch.tensor(4.0).to(dtype)
+    save_file({f"{DIFF}.lora_A.weight": down, f"{DIFF}.lora_B.weight": up, f"{DIFF}.alpha": alpha},
               tmp_path / "f8.safetensors")
     layer = load_adapter(tmp_path / "f8.safetensors").layers[DIFF]
     assert layer.down.dtype == layer.up.dtype == torch.float32 and layer.alpha == 4.0
