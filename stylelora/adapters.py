@@ -444,9 +444,10 @@ def _layers(path: Path, comp: str, sd: dict[str, tuple[str, torch.Tensor]],
             layer = layers[f"{comp}.{module}"] = LoraLayer(ab["A"], ab["B"], alpha_of(module, rank, alphas.get(module)))
         except (ValueError, TypeError) as e:
             raise ValueError(f"{path}: layer {comp}.{module}: {e}") from e
-        # Every entry of the update is a sum of `rank` products: bounded by this. Only when the
-        # bound is past float32 is the update itself computed to see whether it really overflows.
-        bound = layer.rank * float(layer.up.abs().max()) * float(layer.down.abs().max()) * abs(layer.scale)
+        # Every entry of up @ down (and of the update, scaled after the product) is a sum of `rank`
+        # products: bounded by this. Only when the bound is past float32 is the update computed as
+        # delta() computes it, to see whether it really overflows.
+        bound = layer.rank * float(layer.up.abs().max()) * float(layer.down.abs().max()) * max(1.0, abs(layer.scale))
         if not bound < _F32_MAX and not torch.isfinite(layer.delta()).all():
             raise ValueError(f"{path}: layer {comp}.{module}: its weight update (up @ down * alpha / rank, alpha = "
                              f"{layer.alpha:g}) overflows float32 to inf; the adapter is broken: re-export it")
