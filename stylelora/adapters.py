@@ -71,9 +71,11 @@ class LoraLayer:
         if not (self.down.is_floating_point() and self.up.is_floating_point()):
             raise ValueError(f"LoRA down/up are {self.down.dtype}/{self.up.dtype}: LoRA weights must be "
                              "floating point")
-        if self.down.ndim not in (2, 4) or self.up.ndim != self.down.ndim or self.up.shape[1] != self.down.shape[0]:
+        if (self.down.ndim not in (2, 4) or self.up.ndim != self.down.ndim or self.up.shape[1] != self.down.shape[0]
+                or self.up.shape[2:] not in ((), (1, 1))):
             raise ValueError(f"LoRA down {tuple(self.down.shape)} and up {tuple(self.up.shape)} do not pair: "
-                             "need down (rank, in) and up (out, rank)")
+                             "need down (rank, in) and up (out, rank), or for a conv layer down (rank, in, kh, kw) "
+                             "and up (out, rank, 1, 1)")
         if self.down.shape[0] < 1 or 0 in self.up.shape or 0 in self.down.shape:
             raise ValueError(f"LoRA down {tuple(self.down.shape)} and up {tuple(self.up.shape)} are empty: "
                              "rank and sizes must be at least 1")

@@ -322,6 +322,10 @@ ADAPTERS = {  # id: (writer(path), message pattern)
                              r"x\.safetensors: unet\.a\.alpha is complex64, not a real number \(the layer's alpha\)"),
     "float8-nan": (lambda p: save_file({**OK, "unet.a.lora_A.weight": torch.tensor([[1.0, float("nan")]]).to(
         torch.float8_e4m3fn)}, p), r"x\.safetensors: tensor unet\.a\.lora_A\.weight contains NaN/inf values"),
+    "conv-up-not-1x1": (lambda p: save_file({"unet.conv_in.lora_A.weight": torch.ones(2, 1, 1, 1),
+                                             "unet.conv_in.lora_B.weight": torch.ones(2, 2, 1, 2)}, p),
+                        r"x\.safetensors: layer unet\.conv_in: LoRA down \(2, 1, 1, 1\) and up \(2, 2, 1, 2\) do not "
+                        r"pair: .* for a conv layer down \(rank, in, kh, kw\) and up \(out, rank, 1, 1\)"),
     "only-alpha": (lambda p: save_file({"unet.a.alpha": torch.tensor(2.0), "unet.b.alpha": torch.tensor(2.0)}, p),
                    r"no LoRA weights in \S*x\.safetensors: it holds only alpha values \(unet\.a\.alpha, "
                    r"unet\.b\.alpha\), no lora_A/lora_B \(or lora_down/lora_up\) weights; the file is incomplete: "
