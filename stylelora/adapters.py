@@ -44,13 +44,25 @@ KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
 # `unet.save_lora_adapter` writes keys without a component prefix; their roots say whose they are.
 _BARE_ROOTS = {"unet": ("down_blocks.", "mid_block.", "up_blocks.", "conv_in.", "conv_out.", "time_embedding."),
                "text_encoder": ("text_model.", "encoder.")}
+_F32_MAX = torch.finfo(torch.float32).max
+# dtypes whose NaN/inf check torch implements; other floating types (float8) are read as float32,
+# which holds each of their values exactly.
+_CHECKED_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+# What a file that is not safetensors often is, by its first bytes: named in the refusal.
+_REFETCH = "re-download it, or export the LoRA as .safetensors"
+_MAGIC = ((b"\x89PNG", "a PNG image", _REFETCH), (b"\xff\xd8\xff", "a JPEG image", _REFETCH),
+          (b"GIF8", "a GIF image", _REFETCH), (b"RIFF", "a RIFF file (WebP image or WAV audio)", _REFETCH),
+          (b"GGUF", "a GGUF model file", _REFETCH), (b"\x1f\x8b", "a gzip archive", "unpack it first"),
+          (b"PK\x03\x04", "a zip archive", "unzip it: the .safetensors file may be inside"),
+          (b"version https://git-lfs", "a Git LFS pointer to the file", "run `git lfs pull` to fetch the file itself"))
+_PART = {"A": "lora_A", "B": "lora_B", "alpha": "alpha"}
 _PEFT_KEY = re.compile(r"^(?P<module>.+)\.(?:lora_(?P<ab>[AB])\.weight|(?P<alpha>alpha))$")
 
 
 @dataclass
 class LoraFactors:
     """The low-rank delta of one adapted layer: W' = W + up @ down * alpha / rank. Conv LoRA keeps
-    its 4-D tensors. (Not PEFT's LoraLayer, the module wrapper that applies such factors.)"""
+    its 4-D tensors. (Not PEFT's LoraFactors, the module wrapper that applies such factors.)"""
 
     down: torch.Tensor  # A: (rank, in) or (rank, in, kh, kw)
     up: torch.Tensor  # B: (out, rank) or (out, rank, 1, 1)
@@ -60,12 +72,17 @@ class LoraFactors:
         if not (self.down.is_floating_point() and self.up.is_floating_point()):
             raise ValueError(f"LoRA down/up are {self.down.dtype}/{self.up.dtype}: LoRA weights must be "
                              "floating point")
-        if self.down.ndim not in (2, 4) or self.up.ndim != self.down.ndim or self.up.shape[1] != self.down.shape[0]:
+        if (self.down.ndim not in (2, 4) or self.up.ndim != self.down.ndim or self.up.shape[1] != self.down.shape[0]
+                or self.up.shape[2:] not in ((), (1, 1))):
             raise ValueError(f"LoRA down {tuple(self.down.shape)} and up {tuple(self.up.shape)} do not pair: "
-                             "need down (rank, in) and up (out, rank)")
+                             "need down (rank, in) and up (out, rank), or for a conv layer down (rank, in, kh, kw) "
+                             "and up (out, rank, 1, 1)")
         if self.down.shape[0] < 1 or 0 in self.up.shape or 0 in self.down.shape:
             raise ValueError(f"LoRA down {tuple(self.down.shape)} and up {tuple(self.up.shape)} are empty: "
                              "rank and sizes must be at least 1")
+        if not _finite(self.alpha):
+            raise ValueError(f"LoRA alpha is {self.alpha!r}: it must be a finite number within float32's range "
+                             "(the layer's scale is alpha / rank)")
         self.alpha = float(self.alpha)
 
     @property
@@ -86,7 +103,6 @@ class LoraFactors:
         return (self.up.flatten(1).float() @ self.down.flatten(1).float() * self.scale).reshape(self.shape)
 
 
-LoraLayer = LoraFactors  # the old name, until tests/test_ui.py moves to the new one
 
 
 @dataclass
@@ -138,6 +154,16 @@ def stylelora_metadata(*, base_name: str | None = None, base_fingerprint: str | 
 
 
 # --- writing ----------------------------------------------------------------------------------
+
+def _finite(v: Any) -> bool:
+    """A real number (not bool) that float32 holds finitely: what an alpha may be."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False
+    try:
+        return math.isfinite(v) and abs(float(v)) <= _F32_MAX
+    except OverflowError:  # an int past float's range
+        return False
+
 
 def _most_common(values: list, default):
     return collections.Counter(values).most_common(1)[0][0] if values else default
@@ -244,15 +270,22 @@ def _read_checked(path: Path, max_header_bytes: int) -> tuple[dict[str, torch.Te
         raise ValueError(pickle_msg)
     size = path.stat().st_size
     with open(path, "rb") as f:
-        head = f.read(9)
-    n = struct.unpack("<Q", head[:8])[0] if len(head) >= 8 else -1
+        head = f.read(512)  # the length, the header's first byte, and enough to tell other formats
+    n = struct.unpack("<Q", head[:8])[0] if len(head) >= 9 else -1
     # A header length may well start with byte 0x80, so only call it a pickle (0x80 + protocol
     # 2..5) or a torch zip when it is not plausibly safetensors (length fits, JSON follows).
     plausible = 0 <= n <= size - 8 and head[8:9] == b"{"
-    if not plausible and re.match(rb"PK\x03\x04|\x80[\x02-\x05]", head):
+    if not plausible and (re.match(rb"\x80[\x02-\x05]", head) or _torch_zip(head)):
         raise ValueError(pickle_msg)
     if n < 0:
         raise ValueError(f"{path} is truncated ({size} bytes, less than a safetensors header); re-export it")
+    if head[8:9] != b"{":  # the format requires the JSON header to start right there
+        kind, fix = next(((k, f) for magic, k, f in _MAGIC if head.startswith(magic)), (None, _REFETCH))
+        if kind is None and head.lstrip()[:1] == b"<":
+            kind = "an HTML or XML page (a failed download?)"
+        kind = kind or f"something else (it starts with {head[:8]!r})"
+        raise ValueError(f"{path} is not a safetensors file: it is {kind}; stylelora loads LoRA adapters saved as "
+                         f".safetensors: {fix}")
     if n > max_header_bytes:
         raise ValueError(f"{path} declares a {n}-byte header, over max_header_bytes={max_header_bytes}: "
                          "the file is corrupt, or pass a larger max_header_bytes if you trust it")
@@ -267,19 +300,53 @@ def _read_checked(path: Path, max_header_bytes: int) -> tuple[dict[str, torch.Te
         raise ValueError(f"{path} is not a valid safetensors file ({e}); it may be truncated or corrupt: "
                          "re-download or re-export it") from e
     for key, t in tensors.items():
+        if t.is_floating_point() and t.dtype not in _CHECKED_FLOATS:
+            try:  # float8: every value is exact in float32, and only float32 has checks and matmuls
+                t = tensors[key] = t.float()
+            except (RuntimeError, NotImplementedError, TypeError):
+                raise ValueError(f"{path}: tensor {key} is {str(t.dtype).removeprefix('torch.')}, which stylelora "
+                                 "cannot read; re-export the adapter in float16, bfloat16 or float32") from None
         if t.is_floating_point() and not torch.isfinite(t).all():
             raise ValueError(f"{path}: tensor {key} contains NaN/inf values; the adapter is broken "
                              "(diverged training?): re-export it from a good checkpoint")
+        if t.dtype == torch.float64 and t.numel() and t.abs().max() > _F32_MAX:
+            raise ValueError(f"{path}: tensor {key} holds values beyond float32's range, which become inf "
+                             "when the adapter is used; the adapter is broken: re-export it from a good checkpoint")
     return tensors, metadata
+
+
+def _torch_zip(head: bytes) -> bool:
+    """torch.save's zip container: its first member is <archive>/data.pkl (a pickle)."""
+    if not head.startswith(b"PK\x03\x04") or len(head) < 30:
+        return False
+    name_len = struct.unpack("<H", head[26:28])[0]
+    return head[30:30 + name_len].endswith(b".pkl")
+
+
+class _NotFinite(Exception):
+    """A JSON number that is NaN/Infinity (Python's json extension) or overflows to inf."""
+
+
+def _no_constant(name: str):
+    raise _NotFinite(name)
+
+
+def _float(text: str) -> float:
+    if not math.isfinite(value := float(text)):
+        raise _NotFinite(text[:40])
+    return value
 
 
 def _json_meta(metadata: Mapping[str, str], key: str, path: Path | None) -> Any:
     raw = metadata.get(key)
     try:
-        value = None if raw is None else json.loads(raw)
-    except (TypeError, json.JSONDecodeError) as e:
+        value = None if raw is None else json.loads(raw, parse_constant=_no_constant, parse_float=_float)
+    except _NotFinite as e:
+        raise ValueError(f"{path or 'adapter'}: metadata {key!r} holds {e}, which is not a finite number; "
+                         "fix or delete that entry and save the file again") from None
+    except (TypeError, ValueError, RecursionError) as e:  # ValueError: JSON, or an int of > 4300 digits
         raise ValueError(f"{path or 'adapter'}: metadata {key!r} is not valid JSON ({e}); "
-                         "fix or delete that entry and save the file again") from e
+                         "fix or delete that entry and save the file again") from None
     want = JSON_TYPES.get(key, object)
     if value is not None and (not isinstance(value, want) or isinstance(value, bool)
                               or (key == PREFIX + "trigger_words" and not all(isinstance(w, str) for w in value))):
@@ -295,7 +362,15 @@ def _scalar(path: Path, key: str, t: torch.Tensor) -> float:
     if t.numel() != 1:
         raise ValueError(f"{path}: {key} should hold one number (the layer's alpha) but has shape "
                          f"{tuple(t.shape)}; the file is corrupt, re-export it")
+    if t.is_complex() or t.dtype == torch.bool:
+        raise ValueError(f"{path}: {key} is {str(t.dtype).removeprefix('torch.')}, not a real number (the "
+                         "layer's alpha); the file is corrupt, re-export it")
     return float(t.item())
+
+
+def _twice(path: Path, first: str, second: str, weight: str) -> ValueError:
+    return ValueError(f"{path}: {first} and {second} are two spellings of the same LoRA weight, {weight}, and a "
+                      "loader would silently keep only one; keep one spelling (re-export the file)")
 
 
 def _unknown(path: Path, keys: list[str]) -> ValueError:
@@ -304,46 +379,62 @@ def _unknown(path: Path, keys: list[str]) -> ValueError:
                       "SDXL (lora_te2_) and full checkpoints are not supported: export a plain SD 1.x/2.x LoRA")
 
 
-def _to_peft(comp: str, sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Older diffusers spellings (.processor., to_q_lora, lora_linear_layer) -> PEFT lora_A/lora_B."""
-    if all(_PEFT_KEY.match(k) for k in sd):
-        return sd  # PEFT form already: our own files take this path and never import diffusers
+def _to_peft(comp: str, key: str) -> str:
+    """Older diffusers spellings (.processor., to_q_lora, lora_linear_layer) -> PEFT lora_A/lora_B.
+    One key at a time (diffusers' converters only rename, key by key), so that two spellings of
+    one weight are seen as such instead of one overwriting the other in a dict."""
+    if _PEFT_KEY.match(key):
+        return key  # PEFT form already: our own files take this path and never import diffusers
     from diffusers.utils import convert_state_dict_to_peft, convert_unet_state_dict_to_peft
     from diffusers.utils.state_dict_utils import StateDictType
 
+    sd = {key: None}
     if comp == "unet":
-        return convert_state_dict_to_peft(convert_unet_state_dict_to_peft(sd), original_type=StateDictType.DIFFUSERS)
-    return convert_state_dict_to_peft(sd, original_type=StateDictType.DIFFUSERS_OLD)  # covers both old forms
+        sd = convert_state_dict_to_peft(convert_unet_state_dict_to_peft(sd), original_type=StateDictType.DIFFUSERS)
+    else:
+        sd = convert_state_dict_to_peft(sd, original_type=StateDictType.DIFFUSERS_OLD)  # covers both old forms
+    return next(iter(sd))
 
 
-def _split_components(path: Path, tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
-    out: dict[str, dict[str, torch.Tensor]] = {c: {} for c in COMPONENTS}
+def _split_components(path: Path, tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, tuple[str, torch.Tensor]]]:
+    """component -> {key within it: (the key in the file, tensor)}."""
+    out: dict[str, dict[str, tuple[str, torch.Tensor]]] = {c: {} for c in COMPONENTS}
     unknown = []
     for key, t in tensors.items():
         comp, _, rest = key.partition(".")
-        if comp in COMPONENTS:
-            out[comp][rest] = t
-        elif bare := [c for c, roots in _BARE_ROOTS.items() if key.startswith(roots)]:
-            out[bare[0]][key] = t
-        else:
-            unknown.append(key)
+        if comp not in COMPONENTS:
+            bare = [c for c, roots in _BARE_ROOTS.items() if key.startswith(roots)]
+            if not bare:
+                unknown.append(key)
+                continue
+            comp, rest = bare[0], key
+        if rest in out[comp]:  # "unet.X" beside a bare "X"
+            raise _twice(path, out[comp][rest][0], key, f"{comp}.{rest}".removesuffix(".weight"))
+        out[comp][rest] = (key, t)
     if unknown:
         raise _unknown(path, unknown)
     return out
 
 
-def _layers(path: Path, comp: str, sd: dict[str, torch.Tensor],
-            alpha_of: Callable[[str, int, float | None], float]) -> dict[str, LoraFactors]:
-    """Layers of one component from its (any-vintage diffusers) keys; alpha_of(module, rank, .alpha)."""
+def _layers(path: Path, comp: str, sd: dict[str, tuple[str, torch.Tensor]],
+            alpha_of: Callable[[str, int, float | None], float],
+            origins: dict[str, str] | None = None) -> dict[str, LoraFactors]:
+    """Layers of one component from its (any-vintage diffusers) keys, each mapped to (the key in
+    the file, tensor); alpha_of(module, rank, .alpha). `origins` gets layer -> its file key."""
     pairs: dict[str, dict[str, torch.Tensor]] = collections.defaultdict(dict)
-    alphas, unknown = {}, []
-    for key, t in _to_peft(comp, sd).items():
+    alphas, unknown, seen = {}, [], {}
+    for rest, (file_key, t) in sd.items():
+        key = _to_peft(comp, rest)
         if not (m := _PEFT_KEY.match(key)):
             unknown.append(f"{comp}.{key}")
             continue
         module = m["module"].removeprefix("text_model.") if comp == "text_encoder" else m["module"]
+        part = "alpha" if m["alpha"] else m["ab"]
+        if (module, part) in seen:  # e.g. CLIP with and without text_model., old and new diffusers keys
+            raise _twice(path, seen[module, part], file_key, f"{comp}.{module}.{_PART[part]}")
+        seen[module, part] = file_key
         if m["alpha"]:
-            alphas[module] = _scalar(path, f"{comp}.{key}", t)
+            alphas[module] = _scalar(path, file_key, t)
         else:
             pairs[module][m["ab"]] = t
     if unknown:
@@ -355,9 +446,18 @@ def _layers(path: Path, comp: str, sd: dict[str, torch.Tensor],
                              "the file is incomplete, re-export it")
         try:
             rank = ab["A"].shape[0] if ab["A"].ndim else 0  # a 0-d "matrix" fails in LoraFactors below
-            layers[f"{comp}.{module}"] = LoraFactors(ab["A"], ab["B"], alpha_of(module, rank, alphas.get(module)))
+            layer = layers[f"{comp}.{module}"] = LoraFactors(ab["A"], ab["B"], alpha_of(module, rank, alphas.get(module)))
         except (ValueError, TypeError) as e:
             raise ValueError(f"{path}: layer {comp}.{module}: {e}") from e
+        # Every entry of up @ down (and of the update, scaled after the product) is a sum of `rank`
+        # products: bounded by this. Only when the bound is past float32 is the update computed as
+        # delta() computes it, to see whether it really overflows.
+        bound = layer.rank * float(layer.up.abs().max()) * float(layer.down.abs().max()) * max(1.0, abs(layer.scale))
+        if not bound < _F32_MAX and not torch.isfinite(layer.delta()).all():
+            raise ValueError(f"{path}: layer {comp}.{module}: its weight update (up @ down * alpha / rank, alpha = "
+                             f"{layer.alpha:g}) overflows float32 to inf; the adapter is broken: re-export it")
+        if origins is not None:
+            origins[f"{comp}.{module}"] = seen[module, "A"]
     return layers
 
 
@@ -372,7 +472,8 @@ def _config_alpha(config: Mapping[str, Any], module: str, rank: int) -> float:
     return alpha * math.sqrt(rank) if config.get("use_rslora") else alpha
 
 
-def _from_diffusers(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> dict[str, LoraFactors]:
+def _from_diffusers(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str],
+                    origins: dict[str, str] | None = None) -> dict[str, LoraFactors]:
     lora_meta = _json_meta(metadata, DIFFUSERS_META_KEY, path) or {}
     layers = {}
     for comp, sd in _split_components(path, tensors).items():
@@ -381,19 +482,26 @@ def _from_diffusers(path: Path, tensors: dict[str, torch.Tensor], metadata: dict
             # Module names lose CLIP's `text_model.` level below (files differ in having it); PEFT's
             # patterns match name suffixes, so patterns must lose it too or they never match.
             config["alpha_pattern"] = {k.removeprefix("text_model."): v for k, v in config["alpha_pattern"].items()}
-        number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
-        for name, ok in (("lora_alpha", number),
-                         ("alpha_pattern", lambda v: isinstance(v, dict) and all(map(number, v.values())))):
+        for name, ok in (("lora_alpha", _finite),
+                         ("alpha_pattern", lambda v: isinstance(v, dict) and all(map(_finite, v.values())))):
             if config.get(name) is not None and not ok(config[name]):
-                raise ValueError(f"{path}: metadata {DIFFUSERS_META_KEY!r} has {comp}.{name} = {config[name]!r}, "
-                                 f"which must be {'a number' if name == 'lora_alpha' else 'an object of numbers'}; "
-                                 "fix or delete that entry")
+                raise ValueError(f"{path}: metadata {DIFFUSERS_META_KEY!r} has {comp}.{name} = "
+                                 f"{repr(config[name])[:80]}, which must be "
+                                 f"{'a number' if name == 'lora_alpha' else 'an object of numbers'} (finite, within "
+                                 "float32's range); fix or delete that entry")
+        for pattern in config.get("alpha_pattern") or {}:  # PEFT matches them as regular expressions
+            try:
+                re.compile(rf"(.*\.)?({pattern})$")
+            except (re.error, RecursionError, OverflowError) as e:
+                raise ValueError(f"{path}: metadata {DIFFUSERS_META_KEY!r} has {comp}.alpha_pattern key "
+                                 f"{pattern[:80]!r}, which is not a valid regular expression ({e}); fix or delete "
+                                 "that entry") from None
         # diffusers' precedence: the LoraConfig metadata, else `.alpha` keys, else alpha = rank.
-        layers |= _layers(path, comp, sd, lambda m, r, a, c=config: _config_alpha(c, m, r) if c else a or r)
+        layers |= _layers(path, comp, sd, lambda m, r, a, c=config: _config_alpha(c, m, r) if c else a or r, origins)
     return layers
 
 
-def _from_kohya(path: Path, tensors: dict[str, torch.Tensor]) -> dict[str, LoraFactors]:
+def _from_kohya(path: Path, tensors: dict[str, torch.Tensor], origins: dict[str, str]) -> dict[str, LoraFactors]:
     """kohya names -> ours through diffusers' converter, one module at a time so that each .alpha
     stays with its module. (0.42's own import keys .alpha under names matching no module, so mixed
     alphas collapse there.) kohya semantics: a missing or zero alpha means alpha = rank."""
@@ -409,18 +517,25 @@ def _from_kohya(path: Path, tensors: dict[str, torch.Tensor]) -> dict[str, LoraF
             unknown.append(key)
     if unknown:
         raise _unknown(path, unknown)
-    layers = {}
+    layers: dict[str, LoraFactors] = {}
     for name, g in groups.items():
         if "lora_down.weight" not in g or "lora_up.weight" not in g:
             raise ValueError(f"{path}: {name} lacks lora_down or lora_up; the file is incomplete, re-export it")
-        converted, _ = StableDiffusionLoraLoaderMixin.lora_state_dict(
-            {f"{name}.lora_down.weight": g["lora_down.weight"], f"{name}.lora_up.weight": g["lora_up.weight"]})
-        comp = {k.split(".", 1)[0] for k in converted}.pop()
-        if comp not in COMPONENTS:  # e.g. SDXL's second text encoder
-            raise _unknown(path, [f"{name}.lora_down.weight"])
+        down, up = f"{name}.lora_down.weight", f"{name}.lora_up.weight"
+        try:  # diffusers' converter on names it may not know: whatever it trips on, the key is unknown
+            converted, _ = StableDiffusionLoraLoaderMixin.lora_state_dict(
+                {down: g["lora_down.weight"], up: g["lora_up.weight"]})
+        except (ValueError, KeyError, IndexError, AttributeError, TypeError, RuntimeError):
+            raise _unknown(path, [down]) from None
+        comps = {k.split(".", 1)[0] for k in converted}
+        if len(comps) != 1 or (comp := comps.pop()) not in COMPONENTS:  # e.g. SDXL's second text encoder
+            raise _unknown(path, [down])
         alpha = _scalar(path, f"{name}.alpha", g["alpha"]) if "alpha" in g else 0.0
-        sd = {k.split(".", 1)[1]: v for k, v in converted.items()}
-        layers |= _layers(path, comp, sd, lambda m, r, a, kohya=alpha: kohya or float(r))
+        sd = {k.split(".", 1)[1]: (down if ".lora_A." in k else up, v) for k, v in converted.items()}
+        for key, layer in _layers(path, comp, sd, lambda m, r, a, kohya=alpha: kohya or float(r)).items():
+            if key in layers:  # e.g. lora_te_ and lora_te1_ spellings of one CLIP layer
+                raise _twice(path, origins[key], down, f"{key}.lora_A")
+            layers[key], origins[key] = layer, down
     return layers
 
 
@@ -439,10 +554,26 @@ def load_adapter(path: str | os.PathLike, *, max_header_bytes: int = 100_000_000
                          f"{FORMAT_VERSION!r}: upgrade stylelora")
     if not tensors:
         raise ValueError(f"{path} holds no tensors; it is not a LoRA adapter")
-    if any(k.startswith(KOHYA_PREFIXES) for k in tensors):
-        layers, source = _from_kohya(path, tensors), "kohya"
-    else:
-        layers, source = _from_diffusers(path, tensors, metadata), "stylelora" if version else "diffusers"
+    if all(k.endswith(".alpha") for k in tensors):
+        raise ValueError(f"no LoRA weights in {path}: it holds only alpha values ({', '.join(sorted(tensors)[:3])}"
+                         f"{', ...' if len(tensors) > 3 else ''}), no lora_A/lora_B (or lora_down/lora_up) "
+                         "weights; the file is incomplete: re-export it")
+    kohya = {k: t for k, t in tensors.items() if k.startswith(KOHYA_PREFIXES)}
+    other = {k: t for k, t in tensors.items() if k not in kohya}
+    k_origins: dict[str, str] = {}
+    d_origins: dict[str, str] = {}
+    layers = _from_kohya(path, kohya, k_origins) if kohya else {}
+    if other:
+        d_layers = _from_diffusers(path, other, metadata, d_origins)
+        if kohya:  # two conventions in one file (diffusers itself refuses it): never guess
+            if same := sorted(set(layers) & set(d_layers)):
+                raise _twice(path, k_origins[same[0]], d_origins[same[0]], f"{same[0]}.lora_A")
+            raise ValueError(f"{path} mixes kohya keys ({next(iter(kohya))}) and diffusers/PEFT keys "
+                             f"({next(iter(other))}); loaders read one convention per file: re-export it in one")
+        layers = d_layers
+    source = "kohya" if kohya else "stylelora" if version else "diffusers"
+    if not layers:
+        raise ValueError(f"no LoRA weights in {path}; the file is incomplete: re-export it")
     order = _json_meta(metadata, PREFIX + "targets", path)
     if isinstance(order, list) and sorted(order) == sorted(layers):  # safetensors sorts keys; undo that
         layers = {k: layers[k] for k in order}

@@ -6,6 +6,7 @@ Folder layout (searched recursively; names starting with "." are ignored):
       a.png  a.txt                  image + same-stem caption (UTF-8; a BOM is accepted)
       3_style/b.jpg  3_style/b.txt  kohya-style repeats: see below
       metadata.jsonl                optional: {"file_name": "a.png", "text": "a caption"} per line
+      style.run/                    a stylelora run folder (loss curve, sample grids): never searched
 
 - Captions: a line of metadata.jsonl (diffusers imagefolder convention, file_name relative to
   root) wins over a caption file for the image it names. An image with neither trains with an
@@ -15,8 +16,11 @@ Folder layout (searched recursively; names starting with "." are ignored):
   not steps: `3_style` with 10 images is 30 samples.
 - Checks: every image is opened and decoded once here, so a bad file is skipped with one line
   saying why (empty, unreadable, truncated, not an image, over MAX_PIXELS, under MIN_SIDE px,
-  more elongated than MAX_ASPECT, unsupported colour mode, caption not UTF-8 or unreadable)
-  instead of failing a training run hours later. Unreadable folders are reported the same way.
+  more elongated than MAX_ASPECT, unsupported colour mode, caption not UTF-8, unreadable, over
+  MAX_CAPTION_BYTES or holding NUL bytes, a name that is not UTF-8, a broken link or a link loop)
+  instead of failing a training run hours later. Unreadable folders, folders whose name is not
+  UTF-8, links to folders (not followed) and stylelora run folders are reported the same way,
+  one line per folder.
 - Randomness (crops, flips, caption shuffle/dropout) comes only from a random.Random seeded with
   (seed, epoch, sample index), and batch order from (seed, epoch): a resumed run replays the
   exact samples and batches of an uninterrupted one.
@@ -24,12 +28,14 @@ Folder layout (searched recursively; names starting with "." are ignored):
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
 import os
 import random
 import re
+import stat
 import struct
 import warnings
 from collections import Counter, defaultdict
@@ -55,6 +61,17 @@ MODES = frozenset("1 L LA P PA RGB RGBA RGBa RGBX CMYK YCbCr HSV I I;16 I;16B I;
 _ALPHA_MODES = frozenset({"LA", "PA", "RGBA", "RGBa"})
 _REPEAT_DIR = re.compile(r"(\d+)_(.+)")
 _ORIENTATION = 0x0112  # EXIF tag; values 5-8 mean the stored image is rotated a quarter turn
+# Largest caption (caption file, or a metadata.jsonl "text" field, in UTF-8 bytes). CLIP reads 77
+# tokens (a few hundred bytes), so 64 KiB is generous for any real caption; bigger ones are skipped
+# before they are read: the tokenizer runs out of memory (a 100 MB caption aborted the process).
+MAX_CAPTION_BYTES = 64 * 1024
+# A metadata.jsonl line longer than this (characters) cannot hold a caption under the cap, even
+# with every character JSON-escaped; it is refused before it is parsed.
+_MAX_METADATA_LINE = 8 * MAX_CAPTION_BYTES
+# Run folders: train writes `<out>.run/` (or --run-dir) with loss.csv starting with this header,
+# samples/ and checkpoints/. A folder holding RUN_MARKER is one too, whatever its name.
+RUN_MARKER = ".stylelora-run"
+_LOSS_HEADER = b"step,loss,lr"
 
 
 @dataclass(frozen=True)
@@ -99,9 +116,9 @@ def discover(root: str | os.PathLike, caption_ext: str = ".txt") -> tuple[list[I
             continue
         items.append(Item(path, rel, caption, source, _repeats(rel), size))
     known = set(rels)
-    skipped += [(root / name, f"named on {METADATA} line {line} but not found among the images; fix its "
-                              "file_name (relative to the dataset folder)")
-                for name, (_, line) in meta.items() if name not in known]
+    skipped += [(root / _printable(name), f"named on {METADATA} line {line} but not found among the images; fix "
+                                          "its file_name (relative to the dataset folder)")
+                for name, (_, line, _) in meta.items() if name not in known]
     if not items:
         if not skipped:
             raise ValueError(f"no images in {root} (looked recursively for {', '.join(IMAGE_EXTS)}): add images "
@@ -112,33 +129,113 @@ def discover(root: str | os.PathLike, caption_ext: str = ".txt") -> tuple[list[I
 
 
 def _image_files(root: Path, skipped: list[tuple[Path, str]] | None = None) -> list[str]:
-    """Relative posix paths of the image files under root, sorted. Folders that cannot be listed
-    go to `skipped` (os.walk would otherwise drop them without a word)."""
+    """Relative posix paths of the image files under root, sorted. Folders that cannot be listed,
+    run folders, links to folders and names that are not UTF-8 go to `skipped`, one line each
+    (os.walk would otherwise drop them, or pass on names nothing downstream can print)."""
+    skipped = [] if skipped is None else skipped
+
     def unreadable(e: OSError) -> None:
-        if skipped is not None:
-            skipped.append((Path(e.filename), f"folder not readable ({e.strerror}); fix its permissions "
-                                              "(chmod +rx) or move it out of the dataset"))
+        folder = Path(_printable(os.fspath(e.filename)))
+        skipped.append((folder, f"folder not readable ({e.strerror}); fix its permissions (chmod +rx) or move it "
+                                "out of the dataset"))
 
     found = []
     for dirpath, dirnames, filenames in os.walk(root, onerror=unreadable):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]  # .git, .ipynb_checkpoints, ...
-        found += [Path(dirpath, f).relative_to(root).as_posix() for f in filenames
-                  if not f.startswith(".") and os.path.splitext(f)[1].lower() in IMAGE_EXTS]
+        keep = []
+        for d in dirnames:
+            if d.startswith("."):  # .git, .ipynb_checkpoints, ...
+                continue
+            path = Path(dirpath, d)
+            if not _utf8(d):
+                skipped.append((Path(dirpath, _printable(d)), f"folder name is not UTF-8 ({os.fsencode(d)!r}); "
+                                                              "rename it with UTF-8 characters to train its images"))
+            elif path.is_symlink():  # os.walk does not follow it; say so instead of dropping it quietly
+                skipped.append((path, "a link to a folder: links to folders are not followed (they can loop or "
+                                      "lead out of the dataset); move or copy the images into the dataset"))
+            elif _is_run_folder(path):
+                skipped.append((path, "a stylelora run folder (loss curve, sample grids, checkpoints), not "
+                                      "training data: not searched. Keep runs out of the dataset (--out or "
+                                      "--run-dir elsewhere)"))
+            else:
+                keep.append(d)
+        dirnames[:] = keep
+        for f in filenames:
+            if f.startswith(".") or os.path.splitext(f)[1].lower() not in IMAGE_EXTS:
+                continue
+            if not _utf8(f):
+                skipped.append((Path(dirpath, _printable(f)), f"file name is not UTF-8 ({os.fsencode(f)!r}); "
+                                                              "rename it with UTF-8 characters to train it"))
+                continue
+            found.append(Path(dirpath, f).relative_to(root).as_posix())
     return sorted(found)
 
 
-def _read_metadata(path: Path) -> dict[str, tuple[str, int]]:
-    """file_name -> (caption, line number) from a diffusers-style metadata.jsonl, if there is one."""
-    if not path.is_file():
-        return {}
+def _utf8(name: str) -> bool:
+    """False for names os.listdir could only decode with surrogate escapes (bytes that are not UTF-8)."""
     try:
-        lines = path.read_text(encoding="utf-8-sig").splitlines()
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _printable(name: str) -> str:
+    """`name` with whatever UTF-8 cannot encode (escaped bytes of a non-UTF-8 file name, a lone
+    surrogate from JSON) shown as backslash escapes, so that printing a report never fails."""
+    if _utf8(name):
+        return name
+    try:
+        return os.fsencode(name).decode("utf-8", "backslashreplace")
+    except UnicodeEncodeError:
+        return name.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _is_run_folder(path: Path) -> bool:
+    """A folder `train` writes into: <out>.run (named so, holding its loss log, samples or
+    checkpoints), any folder whose loss.csv has train's header next to samples/ or checkpoints/,
+    or any folder holding RUN_MARKER."""
+    try:
+        if (path / RUN_MARKER).exists():
+            return True
+        outputs = (path / "samples").is_dir() or (path / "checkpoints").is_dir()
+        loss = path / "loss.csv"
+        if path.name.lower().endswith(".run") and (outputs or loss.is_file()):
+            return True
+        if outputs and loss.is_file():
+            with open(loss, "rb") as f:
+                return f.read(len(_LOSS_HEADER)) == _LOSS_HEADER
+    except OSError:  # unreadable: os.walk reports it when it tries to list it
+        pass
+    return False
+
+
+def _metadata_lines(path: Path) -> Iterator[str]:
+    """The lines of metadata.jsonl, read one at a time (so a huge file is never held whole) and each
+    at most _MAX_METADATA_LINE characters: a longer line cannot hold a caption under the cap."""
+    try:
+        with open(path, encoding="utf-8-sig") as f:
+            n = 0
+            while line := f.readline(_MAX_METADATA_LINE + 1):
+                n += 1
+                if len(line) > _MAX_METADATA_LINE:
+                    raise ValueError(f"{path} line {n} is over {_MAX_METADATA_LINE} characters, more than a caption "
+                                     f"of at most MAX_CAPTION_BYTES = {MAX_CAPTION_BYTES} bytes needs: shorten "
+                                     "its text (one line of tags per image)")
+                yield line
     except UnicodeDecodeError:
         raise ValueError(f"{path} is not UTF-8; re-save it as UTF-8") from None
     except OSError as e:
         raise ValueError(f"{path} is not readable ({e.strerror}); fix its permissions (chmod +r)") from None
-    out: dict[str, tuple[str, int]] = {}
-    for n, line in enumerate(lines, 1):
+
+
+def _read_metadata(path: Path) -> dict[str, tuple[str, int, str | None]]:
+    """file_name -> (caption, line number, why the caption is unusable or None) from a
+    diffusers-style metadata.jsonl, if there is one. An unusable caption (over MAX_CAPTION_BYTES,
+    NUL bytes, not encodable) skips its image; a malformed line refuses the whole file."""
+    if not path.is_file():
+        return {}
+    out: dict[str, tuple[str, int, str | None]] = {}
+    for n, line in enumerate(_metadata_lines(path), 1):
         if not line.strip():
             continue
         try:
@@ -152,13 +249,52 @@ def _read_metadata(path: Path) -> dict[str, tuple[str, int]]:
         name = PurePosixPath(row["file_name"].replace("\\", "/")).as_posix()
         if name in out:
             raise ValueError(f"{path} line {n}: {name!r} already has a caption on line {out[name][1]}; keep one")
-        out[name] = (row["text"].strip(), n)
+        text = row["text"]
+        where = f"the caption on {METADATA} line {n}"
+        try:
+            problem = _caption_problem(text.encode("utf-8"), where)
+        except UnicodeEncodeError as e:  # a lone surrogate ("\ud800"), which JSON allows
+            problem = (f"{where} holds {text[e.start:e.end].encode('unicode_escape').decode()}, which is not a "
+                       "character (a lone surrogate); fix the text")
+        out[name] = ("" if problem else text.strip(), n, problem)
     return out
+
+
+def _too_long(what: str, size: int | str) -> str:
+    return (f"{what} is {size} bytes, over MAX_CAPTION_BYTES = {MAX_CAPTION_BYTES}; a caption is a line of tags "
+            "that the text encoder reads 77 tokens of: shorten it")
+
+
+def _caption_problem(data: bytes, what: str) -> str | None:
+    """Why caption bytes cannot train (over MAX_CAPTION_BYTES, NUL bytes), or None."""
+    if len(data) > MAX_CAPTION_BYTES:
+        return _too_long(what, len(data))
+    if b"\0" in data:
+        # Text never holds NUL: this is UTF-16 without a BOM, a binary file or a damaged one. Not
+        # stripped: stripping makes ASCII UTF-16 readable but garbles everything else silently.
+        return f"{what} holds NUL bytes (UTF-16, or not text?); re-save it as UTF-8 text"
+    return None
 
 
 def _probe(path: Path) -> tuple[int, int]:
     """Decode the image once; return its (w, h) after EXIF orientation, or raise _Skip(reason)."""
-    if path.stat().st_size == 0:
+    try:
+        st = path.stat()
+    except OSError as e:
+        if path.is_symlink():
+            try:
+                target = repr(_printable(os.readlink(path)))
+            except OSError:
+                target = "?"
+            if e.errno == errno.ELOOP:
+                raise _Skip(f"a link loop (it points to {target}, which never reaches a file); fix or delete "
+                            "the link") from None
+            if isinstance(e, FileNotFoundError):
+                raise _Skip(f"a broken link: its target {target} does not exist; fix or delete the link") from None
+        raise _Skip(f"not readable ({e.strerror}); fix its permissions (chmod +r) or delete it") from None
+    if not stat.S_ISREG(st.st_mode):  # a FIFO would block Image.open forever
+        raise _Skip("not a regular file (a pipe, socket or device); delete it or replace it with the image")
+    if st.st_size == 0:
         raise _Skip("empty file (0 bytes); export the image again or delete it")
     try:
         # PIL warns (and later raises) for huge images; make the warning an error for this call
@@ -192,14 +328,28 @@ def _probe(path: Path) -> tuple[int, int]:
     return (h, w) if quarter_turn else (w, h)
 
 
-def _caption(path: Path, rel: str, meta: dict[str, tuple[str, int]], caption_ext: str) -> tuple[str, str | None]:
+def _caption(path: Path, rel: str, meta: dict[str, tuple[str, int, str | None]],
+             caption_ext: str) -> tuple[str, str | None]:
     if rel in meta:
-        return meta[rel][0], METADATA
+        caption, _, problem = meta[rel]
+        if problem:
+            raise _Skip(problem)
+        return caption, METADATA
     txt = path.with_suffix(caption_ext)
     if not txt.is_file():
         return "", None
     try:
-        return txt.read_text(encoding="utf-8-sig").strip(), txt.name
+        what = f"caption {txt.name}"
+        if (size := txt.stat().st_size) > MAX_CAPTION_BYTES:  # decided by size: a 500 MB caption is never read
+            raise _Skip(_too_long(what, size))
+        with open(txt, "rb") as f:
+            data = f.read(MAX_CAPTION_BYTES + 1)  # bounded: the file may have grown since stat
+        if len(data) > MAX_CAPTION_BYTES:
+            raise _Skip(_too_long(what, f"at least {len(data)}"))
+        text = data.decode("utf-8-sig")  # first: UTF-16 with a BOM is "not UTF-8", not "NUL bytes"
+        if problem := _caption_problem(data, what):
+            raise _Skip(problem)
+        return text.strip(), txt.name
     except UnicodeDecodeError:
         raise _Skip(f"caption {txt.name} is not UTF-8; re-save it as UTF-8") from None
     except OSError as e:  # e.g. permission denied: skip the pair rather than train it uncaptioned
