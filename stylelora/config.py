@@ -107,6 +107,11 @@ class TrainConfig:
     # over-amplifies at scale 1 (content breaks), and a step costs ~1.7x. See the README.
     preserve_weight: float = _opt(0.0, "weight of the prior-preservation term (kohya's prior_loss_weight); "
                                        "0 = off; needs trigger words")
+    # Graded strength: on this fraction of micro-batches the LoRA runs at a random strength s in (0, 1)
+    # and learns s x the data's target + (1 - s) x the frozen base's prediction, so that a scale of 0.5
+    # means half the style instead of (measured without it) nothing until ~0.75. 0 = off.
+    graded_strength: float = _opt(0.0, "fraction of micro-batches trained at a random strength s toward "
+                                       "s x data target + (1 - s) x base prediction (0 = off)")
     noise_offset: float = _opt(0.0, "noise offset (darker darks, brighter brights); 0.05-0.1 is typical")
     mixed_precision: str = _opt("no", "no | fp16 | bf16: frozen weights in half precision, LoRA in float32")
     gradient_checkpointing: bool = _opt(False, "recompute UNet activations in the backward pass: less memory, slower")
@@ -153,6 +158,7 @@ class TrainConfig:
              f"mixed_precision {self.mixed_precision!r} unknown: use one of {PRECISIONS}")
         need(self.min_snr_gamma is None or self.min_snr_gamma >= 0,
              f"min_snr_gamma must be >= 0 (0 = off, the flag's way to say None), got {self.min_snr_gamma}")
+        need(0 <= self.graded_strength <= 1, f"graded_strength must be in [0, 1] (0 = off), got {self.graded_strength}")
         need(self.preserve_weight >= 0, f"preserve_weight must be >= 0 (0 = off), got {self.preserve_weight}")
         need(self.device in ("auto", "cpu", "cuda", "mps"), f"device {self.device!r} unknown: use auto, cpu, cuda "
              "or mps (to pick GPUs, set CUDA_VISIBLE_DEVICES or use accelerate launch --gpu_ids)")

@@ -6,10 +6,11 @@ from __future__ import annotations
 from collections import Counter
 
 import numpy as np
+import torch
 from PIL import Image
 
 from .generate import generate_images
-from .world.judge import judge_images
+from .world.judge import judge_images, judge_log_probs
 from .world.render import HELDOUT_COMBOS, PALETTES, TECHNIQUES, Scene
 
 
@@ -43,3 +44,32 @@ def evaluate(pipe, n: int = 120, seed: int = 0, triggers: list[str] = (), **gen_
     prompts = [", ".join([s.caption(), *triggers]) for s in scenes]
     images = generate_images(pipe, prompts, [seed + i for i in range(n)], **gen_kwargs)
     return score(images, scenes)
+
+
+def family_of(style: str) -> str | None:
+    """'palette' or 'technique' for a style of the shapes world (not 'flat'), else None."""
+    return "palette" if style in PALETTES[1:] else "technique" if style in TECHNIQUES[1:] else None
+
+
+def style_intensity(images, at_zero, at_one, style: str) -> float:
+    """How much of a style an image shows, 0 (like strength 0) .. 1 (like strength 1), in the judge's
+    eyes. Per image, the judge's log-probabilities over the style's family (e.g. all palettes) are
+    projected onto the line from the same seed's image at strength 0 to its image at strength 1;
+    the projections are pooled over images as sum <x - x0, x1 - x0> / sum |x1 - x0|^2, so images an
+    adapter does not change (|x1 - x0| ~ 0) carry no weight instead of dividing by ~0."""
+    head = family_of(style)
+    if head is None:
+        raise ValueError(f"{style!r} is not a style of the shapes world: intensity is measured by its judge")
+    x, x0, x1 = (judge_log_probs(ims)[head] for ims in (images, at_zero, at_one))
+    d = x1 - x0  # (n_images, n_labels)
+    return float(((x - x0) * d).sum() / (d * d).sum().clamp_min(1e-12))
+
+
+def both_rate(per_image: dict[str, list[str]], styles: list[str]) -> float | None:
+    """Fraction of images judged to show every shapes-world style in `styles` (a palette and a
+    technique at most: one image has one of each). None when no style is a shapes-world style."""
+    wanted = {family_of(s): s for s in styles if family_of(s)}
+    if not wanted:
+        return None
+    n = len(next(iter(per_image.values())))
+    return sum(all(per_image[f][i] == s for f, s in wanted.items()) for i in range(n)) / n

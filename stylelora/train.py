@@ -387,13 +387,25 @@ class _Run:
         torch.manual_seed(_seed_for(cfg.seed, micro, accel.process_index))
         gen = torch.Generator().manual_seed(_seed_for(cfg.seed, micro, accel.process_index, "noise"))
         latents, captions = self._batch(micro)
-        cond = self._text(captions)
+        strength = self._strength(micro)
+        self._set_lora_strength(strength)
+        try:
+            graded_te = strength < 1 and self.t_targets  # a text encoder at this strength: not the cached one
+            cond = self._encode_text(captions, grad=True) if graded_te else self._text(captions)
+        finally:
+            self._set_lora_strength(1.0)  # the UNet's LoRA is set again around its forward below
         noisy, t, target = self._noised(latents, gen)
+        if strength < 1:
+            target = strength * target + (1 - strength) * self._base_prediction(captions, noisy, t)
         n = len(captions)
         if cfg.preserve_weight:
             noisy, t, cond, target = self._with_preservation(captions, noisy, t, cond, target)
         with accel.accumulate(self.unet), accel.autocast():
-            pred = self.unet(noisy.to(dtype), t, cond.to(dtype)).sample.float()
+            self._set_lora_strength(strength)
+            try:
+                pred = self.unet(noisy.to(dtype), t, cond.to(dtype)).sample.float()
+            finally:
+                self._set_lora_strength(1.0)
             loss = F.mse_loss(pred, target.float(), reduction="none").mean(dim=(1, 2, 3))
             if cfg.min_snr_gamma:
                 loss = loss * _snr_weights(self.alphas_cumprod, t, cfg.min_snr_gamma, self.v_pred)
@@ -405,6 +417,34 @@ class _Run:
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         return loss.item()
+
+    def _strength(self, micro: int) -> float:
+        """The LoRA strength this micro-batch trains at: 1, or (graded_strength of the time) uniform in
+        (0, 1). Its own generator, so the other draws are the same with grading on or off."""
+        if not self.cfg.graded_strength:
+            return 1.0
+        gen = torch.Generator().manual_seed(_seed_for(self.cfg.seed, micro, self.accel.process_index, "strength"))
+        u, s = torch.rand(2, generator=gen).tolist()
+        return s if u < self.cfg.graded_strength else 1.0
+
+    def _set_lora_strength(self, strength: float) -> None:
+        """Every LoRA layer's scale = strength x alpha / r (PEFT's own set_scale)."""
+        from peft.tuners.lora import LoraLayer
+
+        if not self.cfg.graded_strength:
+            return
+        for model in (self.raw_unet, self.raw_te):
+            for module in model.modules():
+                if isinstance(module, LoraLayer):
+                    module.set_scale("default", strength)
+
+    @torch.no_grad()
+    def _base_prediction(self, captions: list[str], noisy: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The frozen base's prediction (every LoRA layer off) for these captions and noisy latents."""
+        base_cond = self._cached_text(captions, self.base_text_cache if self.cache_base_text else {}, base=True)
+        with _lora_off(self.raw_unet), self.accel.autocast():
+            dtype = self.weight_dtype
+            return self.raw_unet(noisy.to(dtype), t, base_cond.to(dtype)).sample.float()
 
     def _noised(self, latents: torch.Tensor, gen: torch.Generator):
         """Noisy latents, timesteps and the prediction target (noise, or velocity for v-prediction)."""

@@ -37,16 +37,18 @@ def load_judge(path: str | Path = JUDGE_FILE) -> Judge:
 
 
 @torch.no_grad()
-def judge_images(images, judge: Judge | None = None, batch: int = 256) -> dict[str, list[str]]:
-    """Predicted label per head for each image (resized to 64x64 when needed)."""
+def judge_log_probs(images, judge: Judge | None = None, batch: int = 256) -> dict[str, torch.Tensor]:
+    """Per head, the judge's log-probabilities (n_images, n_labels) (images resized to 64x64 when needed)."""
     judge = judge or load_judge()
     images = [im.convert("RGB").resize((64, 64)) if im.size != (64, 64) else im for im in images]
-    out: dict[str, list[str]] = {k: [] for k in Judge.HEADS}
-    for i in range(0, len(images), batch):
-        logits = judge(to_tensor(images[i : i + batch]))
-        for k, labels in Judge.HEADS.items():
-            out[k] += [labels[j] for j in logits[k].argmax(1).tolist()]
-    return out
+    chunks = [judge(to_tensor(images[i : i + batch])) for i in range(0, len(images), batch)]
+    return {k: torch.cat([c[k] for c in chunks]).log_softmax(1) for k in Judge.HEADS}
+
+
+def judge_images(images, judge: Judge | None = None, batch: int = 256) -> dict[str, list[str]]:
+    """Predicted label per head for each image (resized to 64x64 when needed)."""
+    log_probs = judge_log_probs(images, judge, batch)
+    return {k: [labels[j] for j in log_probs[k].argmax(1).tolist()] for k, labels in Judge.HEADS.items()}
 
 
 def check(n_per_style: int = 40, seed: int = 10_000_000, judge: Judge | None = None) -> dict[str, float]:
