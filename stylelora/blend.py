@@ -7,6 +7,11 @@ PEFT wrappers in the forward pass). W0 is copied for targeted layers only; a lay
 only when its list of (adapter, coefficient) terms changed, and adapters at scale 0 never enter
 that list, so loaded-but-inactive adapters cost nothing.
 
+balanced (the default) is that merge with every active adapter's scale times N ** (-1/3), N the number of
+active adapters: one adapter is plain merge bit for bit; two sit at 0.79 each. Two style adapters
+summed at full strength overshoot (styles seen, shapes and colours lost: README, "Stacking");
+measured on held-out prompts, each at ~0.8 keeps both styles and most of the content.
+
 switch / composite (Zhong et al. 2024, "Multi-LoRA Composition for Image Generation") intercept
 only the UNet call of the unchanged diffusers pipeline (its scheduler, guidance and decoding all
 stay its own): with one adapter they are the merge result bit for bit, and no denoising loop is
@@ -20,6 +25,7 @@ import math
 import numbers
 import re
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, NamedTuple
@@ -27,9 +33,9 @@ from typing import Any, Mapping, NamedTuple
 import torch
 
 from .adapters import Adapter, LoraFactors, check_fits, load_adapter, resolve_module, stylelora_metadata
+from .config import MODES
 
 BLOCKS = ("down", "mid", "up")
-MODES = ("merge", "switch", "composite")
 _BLOCK_OF = {"down_blocks": "down", "mid_block": "mid", "up_blocks": "up"}
 
 
@@ -120,6 +126,12 @@ class _Composition:
 Plan = dict[str, tuple[tuple[str, float], ...]]  # layer key -> ((adapter, scale * alpha / r), ...)
 
 
+def balanced(scales: Mapping[str, Scale], active: list[str]) -> dict[str, Scale]:
+    """The scales balanced mode fuses: each active adapter's times len(active) ** (-1/3)."""
+    k = len(active) ** (-1 / 3) if active else 1.0
+    return {n: s.times(k) if n in active else s for n, s in scales.items()}
+
+
 class AdapterStack:
     """Adapters on one pipeline, fused into its weights. All public methods hold `self.lock`, so a
     generate(..., scales=...) applies its scales and generates with nothing interleaved: one stack
@@ -201,7 +213,7 @@ class AdapterStack:
 
     @torch.no_grad()
     def generate(self, prompt: str, negative: str | None = None, seed: int = 0, steps: int | None = None,
-                 guidance: float | None = None, size: tuple[int, int] | None = None, mode: str = "merge",
+                 guidance: float | None = None, size: tuple[int, int] | None = None, mode: str = "balanced",
                  scales: Mapping[str, Any] | None = None, switch_every: int = 1, output_type: str = "pil"):
         """One image. `scales`, if given, is complete for this call (adapters it does not name are
         off) and is not stored. Seed s is torch.Generator('cpu').manual_seed(s), as in diffusers."""
@@ -220,10 +232,24 @@ class AdapterStack:
             call = self.scales if scales is None else self._parse(scales)
             active = [n for n in self._loaded if n in call and call[n].active]
             try:
-                if mode == "merge" or not active:
-                    self._apply(self._plan(call))
+                if mode in ("merge", "balanced") or not active:
+                    self._apply(self._plan(balanced(call, active) if mode == "balanced" else call))
                     return self.pipe(prompt=prompt, negative_prompt=negative, **kwargs).images[0]
                 return self._compose(_Composition(mode, active, call, prompt, negative, guidance, switch_every, kwargs))
+            finally:
+                self._apply(self._plan(self.scales))
+
+    @contextmanager
+    def fused(self, mode: str = MODES[0]):
+        """Inside the block the weights hold the stored scales as `mode` fuses them (merge or
+        balanced), for batched calls of the plain pipeline; the lock is held throughout."""
+        if mode not in ("merge", "balanced"):
+            raise ValueError(f"mode {mode!r} is not fused into the weights: use generate(..., mode={mode!r})")
+        with self.lock:
+            active = [n for n in self._loaded if self.scales[n].active]
+            try:
+                self._apply(self._plan(balanced(self.scales, active) if mode == "balanced" else self.scales))
+                yield self.pipe
             finally:
                 self._apply(self._plan(self.scales))
 

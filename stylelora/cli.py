@@ -10,8 +10,8 @@ import os
 import sys
 from pathlib import Path
 
-from .config import (DEFAULT_GUIDANCE, DEFAULT_STEPS, MAX_SEED, TrainConfig, add_config_flags, check_generation,
-                     load_toml)
+from .config import (DEFAULT_GUIDANCE, DEFAULT_STEPS, MAX_SEED, MODE_HELP, MODES, TrainConfig, add_config_flags,
+                     check_generation, load_toml)
 
 # The most images one `generate --sweep` makes (adapters x strengths): each costs a full generation.
 MAX_SWEEP_IMAGES = 64
@@ -97,7 +97,8 @@ def cmd_eval(args) -> None:
         stack.add(f"adapter{i}", adapter, scale)
         triggers += [t for t in adapter.trigger_words if t not in triggers]
     # Prompts carry the adapters' trigger words, as a user of a style adapter would write them.
-    result = evaluate(pipe, n=args.n, seed=args.seed, triggers=triggers, steps=args.steps, guidance=args.guidance)
+    result = evaluate(pipe, n=args.n, seed=args.seed, triggers=triggers, stack=stack, mode=args.mode,
+                      steps=args.steps, guidance=args.guidance)
     print(json.dumps(result) if args.json else json.dumps(result, indent=2))
 
 
@@ -326,6 +327,7 @@ def _add_eval(sub) -> None:
     p.add_argument("--adapter", action="append", default=[], metavar="PATH[:SCALE[:TE_SCALE]]",
                    help="blend an adapter in (repeatable); its trigger words are added to the prompts")
     p.add_argument("--n", type=int, default=120)
+    p.add_argument("--mode", default=MODES[0], choices=MODES, help=MODE_HELP)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS)
     p.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE)
@@ -367,9 +369,7 @@ def _add_generate(sub) -> None:
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS)
     p.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE)
     p.add_argument("--size", default=None, metavar="WxH", help="default: the base's native size")
-    p.add_argument("--mode", default="merge", choices=["merge", "switch", "composite"],
-                   help="merge: fused weighted sum; switch: one adapter per step; composite: "
-                        "per-step average of each adapter's guided prediction")
+    p.add_argument("--mode", default=MODES[0], choices=MODES, help=MODE_HELP)
     p.add_argument("--switch-every", type=int, default=1, help="switch mode: steps per adapter")
     p.add_argument("--sweep", default=None, metavar="S1,S2,...",
                    help="write an adapters x strengths grid instead of one image")

@@ -16,6 +16,11 @@ from pathlib import Path
 # Generation: the defaults of the CLI, the UI, evaluation and training's sample grids.
 DEFAULT_STEPS = 20
 DEFAULT_GUIDANCE = 5.0
+# How stacked adapters combine (stylelora/blend.py); the first is the default.
+MODES = ("balanced", "merge", "switch", "composite")
+MODE_HELP = ("balanced (default): fused sum, each of N active adapters at its scale x N^(-1/3) (one adapter: "
+             "merge); merge: fused weighted sum; switch: one adapter per step; composite: per-step average "
+             "of each adapter's guided prediction")
 # What generation accepts (check_generation): sampling steps 1..MAX_STEPS (schedulers have 1000
 # training timesteps), guidance 0..MAX_GUIDANCE (diffusers guides only above 1: 0 to 1 all give the
 # unguided image; past ~30 images burn out, and inf is a black image), seeds 0..MAX_SEED.

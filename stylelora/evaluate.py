@@ -6,9 +6,9 @@ from __future__ import annotations
 from collections import Counter
 
 import numpy as np
-import torch
 from PIL import Image
 
+from .config import MODES
 from .generate import generate_images
 from .world.judge import judge_images, judge_log_probs
 from .world.render import HELDOUT_COMBOS, PALETTES, TECHNIQUES, Scene
@@ -35,15 +35,34 @@ def score(images: list[Image.Image], scenes: list[Scene], per_image: bool = Fals
     } | ({"per_image": pred} if per_image else {})
 
 
-def evaluate(pipe, n: int = 120, seed: int = 0, triggers: list[str] = (), **gen_kwargs) -> dict:
+def evaluate(pipe, n: int = 120, seed: int = 0, triggers: list[str] = (), stack=None, mode: str | None = None,
+             **gen_kwargs) -> dict:
     """Generate n held-out prompts (with the trigger words as trailing tags, as the example
-    datasets caption them) and score them."""
+    datasets caption them) and score them. With an AdapterStack, its adapters combine by `mode`
+    (default: the stacking default); the result then names the mode and, under "both", the fraction
+    of images showing every shapes-world style among the trigger words."""
     if not (isinstance(n, int) and n >= 1):
         raise ValueError(f"n must be a whole number >= 1 (the number of prompts to judge), got {n!r}")
     scenes = heldout_scenes(n, seed)
     prompts = [", ".join([s.caption(), *triggers]) for s in scenes]
-    images = generate_images(pipe, prompts, [seed + i for i in range(n)], **gen_kwargs)
-    return score(images, scenes)
+    images = stack_images(stack, pipe, prompts, [seed + i for i in range(n)], mode, **gen_kwargs)
+    result = score(images, scenes, per_image=True)
+    per_image = result.pop("per_image")
+    if stack is None:
+        return result
+    return result | {"mode": mode or MODES[0], "both": both_rate(per_image, list(triggers))}
+
+
+def stack_images(stack, pipe, prompts: list[str], seeds: list[int], mode: str | None = None, **gen_kwargs) -> list:
+    """One image per (prompt, seed) with the stack's adapters combined by `mode`: batched through the
+    plain pipeline where the mode is fused into the weights, else one generate() call per image."""
+    if stack is None:
+        return generate_images(pipe, prompts, seeds, **gen_kwargs)
+    mode = mode or MODES[0]
+    if mode in ("merge", "balanced"):
+        with stack.fused(mode):
+            return generate_images(pipe, prompts, seeds, **gen_kwargs)
+    return [stack.generate(p, seed=s, mode=mode, **gen_kwargs) for p, s in zip(prompts, seeds)]
 
 
 def family_of(style: str) -> str | None:

@@ -18,6 +18,7 @@ from stylelora.lora import find_targets
 
 PROMPT = "a red star on a white background"
 GEN = dict(steps=4, guidance=5.0, seed=3, output_type="np")
+MERGE = dict(GEN, mode="merge")  # the plain weighted sum, what diffusers computes
 
 
 @pytest.fixture(scope="module")
@@ -97,10 +98,10 @@ def test_two_adapters_match_diffusers(stack, pipe, adapters, tmp_path):
     base = base_image(pipe)
     stack.add("pastel", adapters["pastel"], 0.8)
     stack.add("ink", adapters["ink"], -0.6)
-    ours = stack.generate(PROMPT, **GEN)
+    ours = stack.generate(PROMPT, **MERGE)
     assert ours.dtype == np.float32 and ours.shape == (64, 64, 3)
-    only_p = stack.generate(PROMPT, scales={"pastel": 0.8}, **GEN)
-    only_q = stack.generate(PROMPT, scales={"ink": -0.6}, **GEN)
+    only_p = stack.generate(PROMPT, scales={"pastel": 0.8}, **MERGE)
+    only_q = stack.generate(PROMPT, scales={"ink": -0.6}, **MERGE)
     for img in (ours, only_p, only_q):  # every adapter changes the picture, and they combine
         assert np.abs(img - base).max() > 0.02
     assert np.abs(ours - only_p).max() > 0.02 and np.abs(ours - only_q).max() > 0.02
@@ -114,8 +115,8 @@ def test_component_and_block_scales_match_diffusers(stack, pipe, adapters, tmp_p
     stack.add("pastel", adapters["pastel"])
     stack.add("ink", adapters["ink"])
     stack.set_scales({"pastel": split, "ink": 0.7})
-    ours = stack.generate(PROMPT, **GEN)
-    assert np.abs(ours - stack.generate(PROMPT, scales={"pastel": 1.0, "ink": 0.7}, **GEN)).max() > 0.05
+    ours = stack.generate(PROMPT, **MERGE)
+    assert np.abs(ours - stack.generate(PROMPT, scales={"pastel": 1.0, "ink": 0.7}, **MERGE)).max() > 0.05
     stack.reset()
     oracle = diffusers_image(pipe, tmp_path, {"pastel": (adapters["pastel"], split), "ink": (adapters["ink"], 0.7)})
     assert np.abs(ours - oracle).max() <= 1e-4
@@ -128,7 +129,7 @@ def test_zero_scales_remove_and_reset_restore_the_base_bit_for_bit(stack, pipe, 
     changed = [k for k, v in weights(pipe).items() if not torch.equal(v, before[k])]
     assert len(changed) == len(adapters["pastel"].layers) + len(adapters["ink"].layers) == 32 + 21
     stack.set_scales({"pastel": 0, "ink": {"unet": 0, "text_encoder": 0}})
-    assert np.array_equal(stack.generate(PROMPT, **GEN), base)
+    assert np.array_equal(stack.generate(PROMPT, **MERGE), base)
     assert all(torch.equal(v, before[k]) for k, v in weights(pipe).items())
     stack.set_scales({"pastel": 1.0, "ink": 0.5})
     stack.remove("pastel")
@@ -164,11 +165,11 @@ def test_only_changed_layers_are_rewritten_and_inactive_adapters_cost_nothing(st
 
 def test_switch_and_composite(stack, adapters):
     stack.add("pastel", adapters["pastel"], 0.7)
-    merge = merge_alone = stack.generate(PROMPT, **GEN)
+    merge = merge_alone = stack.generate(PROMPT, **MERGE)
     for mode in ("switch", "composite"):  # one adapter: the merge result
         assert np.abs(stack.generate(PROMPT, mode=mode, **GEN) - merge).max() <= 1e-4
     stack.add("ink", adapters["ink"], 0.5)
-    merge = stack.generate(PROMPT, **GEN)
+    merge = stack.generate(PROMPT, **MERGE)
     switch = stack.generate(PROMPT, mode="switch", **GEN)
     composite = stack.generate(PROMPT, mode="composite", **GEN)
     assert np.abs(switch - merge).max() > 0.05 and np.abs(composite - merge).max() > 0.05
@@ -183,7 +184,7 @@ def test_switch_and_composite(stack, adapters):
     stack.set_scales({"ink": -0.7})
     assert np.isfinite(stack.generate(PROMPT, mode="composite", **GEN)).all()
     stack.set_scales({"ink": 0.5})
-    assert np.array_equal(stack.generate(PROMPT, **GEN), merge)  # modes leave the fused state as stored
+    assert np.array_equal(stack.generate(PROMPT, **MERGE), merge)  # modes leave the fused state as stored
     with pytest.raises(ValueError, match="unknown mode 'mix'"):
         stack.generate(PROMPT, mode="mix")
 
@@ -192,13 +193,13 @@ def test_concurrent_generate_with_scales_has_no_cross_talk(stack, adapters):
     stack.add("pastel", adapters["pastel"])
     stack.add("ink", adapters["ink"])
     jobs = [{"pastel": 1.0}, {"ink": 0.8}, {"pastel": 0.3, "ink": {"unet": 1.0, "text_encoder": 0.0}}]
-    expected = [stack.generate(PROMPT, scales=s, **GEN) for s in jobs]
+    expected = [stack.generate(PROMPT, scales=s, **MERGE) for s in jobs]
     got, errors = {}, []
 
     def worker(i):
         try:
             for _ in range(2):
-                got.setdefault(i, []).append(stack.generate(PROMPT, scales=jobs[i], **GEN))
+                got.setdefault(i, []).append(stack.generate(PROMPT, scales=jobs[i], **MERGE))
         except Exception as e:  # pragma: no cover - reported below
             errors.append(e)
 
@@ -229,10 +230,10 @@ def test_svd_merge_exact_at_full_rank_and_truncates_below(stack, pipe, adapters)
     assert low.rank == 2 and 0.3 < rel_low < 0.9
     stack.add("a", overlap[0][0], 0.7)
     stack.add("b", overlap[1][0], 0.3)
-    both = stack.generate(PROMPT, **GEN)
+    both = stack.generate(PROMPT, **MERGE)
     stack.reset()
     stack.add("m", full)
-    assert np.abs(stack.generate(PROMPT, **GEN) - both).max() <= 1e-4
+    assert np.abs(stack.generate(PROMPT, **MERGE) - both).max() <= 1e-4
     with pytest.raises(ValueError, match="every scale is 0"):
         merge_adapters([(adapters["pastel"], 0.0)])
 
@@ -261,7 +262,7 @@ def test_conv_layers_match_diffusers(stack, pipe, tmp_path):
                                 torch.randn(out, 4, 1, 1, generator=g) * 0.4, 8.0)
     conv = Adapter(layers=layers)
     stack.add("conv", conv, 0.9)
-    ours = stack.generate(PROMPT, **GEN)
+    ours = stack.generate(PROMPT, **MERGE)
     stack.reset()
     assert np.abs(ours - base_image(pipe)).max() > 0.02
     assert np.abs(ours - diffusers_image(pipe, tmp_path, {"conv": (conv, 0.9)})).max() <= 1e-4
@@ -306,3 +307,47 @@ def test_overflowing_scales_are_refused_and_leave_the_weights_as_they_were(stack
     assert list(stack.scales) == ["pastel", "ink"] and stack.scales["pastel"].unet == 0.5
     assert all(torch.equal(v, both[k]) for k, v in weights(pipe).items())
     stack.remove("ink")
+
+
+def test_balanced_mode(stack, adapters):
+    """The stacking default: one adapter is plain merge bit for bit; N active adapters are merged at
+    N ** (-1/3) of their scales; scales 0 give the base bit for bit; a seed fixes the image."""
+    base = stack.generate(PROMPT, **MERGE)
+    stack.add("pastel", adapters["pastel"], 0.7)
+    assert np.array_equal(stack.generate(PROMPT, **GEN), stack.generate(PROMPT, **MERGE))
+    stack.add("ink", adapters["ink"], 0.5)
+    balanced = stack.generate(PROMPT, **GEN)
+    k = 2 ** (-1 / 3)
+    by_hand = stack.generate(PROMPT, scales={"pastel": 0.7 * k, "ink": 0.5 * k}, **MERGE)
+    assert np.array_equal(balanced, by_hand)
+    assert np.abs(balanced - stack.generate(PROMPT, **MERGE)).max() > 0.01
+    assert np.array_equal(stack.generate(PROMPT, **GEN), balanced)  # deterministic
+    assert np.array_equal(stack.generate(PROMPT, scales={"pastel": 0.0, "ink": 0.0}, **GEN), base)
+    with stack.fused("balanced") as pipe:  # batched callers (evaluation) see the same weights
+        fused = pipe(PROMPT, num_inference_steps=4, guidance_scale=5.0, output_type="np",
+                     generator=torch.Generator("cpu").manual_seed(3)).images[0]
+    assert np.array_equal(fused, balanced)
+    assert np.array_equal(stack.generate(PROMPT, **MERGE), stack.generate(PROMPT, **MERGE))
+
+
+def test_balanced_mode_on_sd15_layout():
+    """The stacking default on SD1.5's layout (bench/blend.py's builder: 4 levels, 2 layers per block,
+    12 text layers; --smoke widths), random weights and two random rank-4 adapters."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("bench_blend", Path(__file__).parents[1] / "bench" / "blend.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    pipe = bench.sd15_pipe(smoke=True)
+    first, second = bench.random_adapters(pipe, 2, 4)
+    stack = AdapterStack(pipe)
+    gen = dict(steps=2, size=(64, 64), seed=5, output_type="np")
+    base = stack.generate(PROMPT, **gen)
+    stack.add("a", first)
+    assert np.array_equal(stack.generate(PROMPT, **gen), stack.generate(PROMPT, mode="merge", **gen))
+    stack.add("b", second)
+    both = stack.generate(PROMPT, **gen)
+    assert np.isfinite(both).all() and np.array_equal(stack.generate(PROMPT, **gen), both)
+    assert np.abs(both - stack.generate(PROMPT, mode="merge", **gen)).max() > 1e-3
+    assert np.array_equal(stack.generate(PROMPT, scales={"a": 0, "b": 0}, **gen), base)

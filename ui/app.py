@@ -729,7 +729,7 @@ def _generate_tab(ui: StyleloraUI) -> SimpleNamespace:
                     steps = gr.Slider(1, 100, DEFAULT_STEPS, step=1, label="steps")
                     guidance = gr.Slider(0, 15, DEFAULT_GUIDANCE, step=0.5, label="guidance")
                     size = gr.Slider(32, 4 * ui.native, ui.native, step=16, label="size (px)")
-                mode = gr.Radio(list(MODES), value="merge", label="composition")
+                mode = gr.Radio(list(MODES), value=MODES[0], label="composition")
                 note = gr.Markdown()
                 rows = [_slot_row(ui, i, prompt) for i in range(MAX_SLOTS)]
                 refresh_btn = gr.Button("↻ refresh adapters", size="sm")
