@@ -138,3 +138,14 @@ def test_generate_errors_are_one_line(files, capsys, tmp_path, args, message):
                          files["root"] / "adapters", "-o", tmp_path / "x.png")
     assert code == 2 and err.startswith("stylelora: error: ") and err.count("\n") == 1, err
     assert re.search(message, err) and not (tmp_path / "x.png").exists()
+
+
+def test_inspect_json_refuses_non_finite_numbers(files, capsys, monkeypatch):
+    import stylelora.adapters
+
+    real = stylelora.adapters.describe
+    monkeypatch.setattr(stylelora.adapters, "describe", lambda ad: {**real(ad), "training": {"lr": float("nan")}})
+    code, out, err = run(capsys, "inspect", files["pastel"], "--json")
+    assert code == 2 and out == ""
+    assert re.fullmatch(r"stylelora: error: \S+pastel\S*: cannot print as JSON \(Out of range float values are not "
+                        r"JSON compliant[^)]*\): run inspect without --json\n", err), err
