@@ -206,13 +206,14 @@ class AdapterStack:
         """One image. `scales`, if given, is complete for this call (adapters it does not name are
         off) and is not stored. Seed s is torch.Generator('cpu').manual_seed(s), as in diffusers."""
         from .base import native_size
-        from .config import DEFAULT_GUIDANCE, DEFAULT_STEPS
+        from .config import DEFAULT_GUIDANCE, DEFAULT_STEPS, check_generation
 
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}: use one of {list(MODES)}")
         if switch_every < 1:
             raise ValueError(f"switch_every must be >= 1, got {switch_every}")
         guidance = DEFAULT_GUIDANCE if guidance is None else guidance
+        check_generation(steps=DEFAULT_STEPS if steps is None else steps, guidance=guidance, seed=seed)
         width, height = size or (native_size(self.pipe),) * 2
         kwargs = dict(num_inference_steps=steps or DEFAULT_STEPS, guidance_scale=guidance, width=width,
                       height=height, generator=torch.Generator("cpu").manual_seed(seed), output_type=output_type)
