@@ -386,6 +386,14 @@ def merge_adapters(items: list[tuple[Adapter, Any]], rank: int | None = None) ->
         root = sv[:r].sqrt()
         up, down = ((qb @ u[:, :r]) * root).float(), (root[:, None] * (vh[:r] @ qa.T)).float()
         exact = b @ a
+        # Scales so large the merged factors (or their product, the update a loader computes) pass
+        # float32: the file would be refused, so name the inputs and their scales here.
+        if not (torch.isfinite(up).all() and torch.isfinite(down).all()
+                and float(exact.abs().max()) <= torch.finfo(torch.float32).max):
+            used = ", ".join(f"{ad.path or 'an unsaved adapter'} at scale {s.of(key):g}"
+                             for (ad, _), s in zip(items, scales) if key in ad.layers and s.of(key))
+            raise ValueError(f"cannot merge {key}: {used} add up to a weight update past float32 (NaN/inf): "
+                             "lower the scales")
         err2 += float((up.double() @ down.double() - exact).pow(2).sum())
         norm2 += float(exact.pow(2).sum())
         layers[key] = LoraFactors(down.reshape(r, *first.down.shape[1:]).contiguous(),
