@@ -218,13 +218,14 @@ class AdapterStack:
         """One image. `scales`, if given, is complete for this call (adapters it does not name are
         off) and is not stored. Seed s is torch.Generator('cpu').manual_seed(s), as in diffusers."""
         from .base import native_size
-        from .config import DEFAULT_GUIDANCE, DEFAULT_STEPS
+        from .config import DEFAULT_GUIDANCE, DEFAULT_STEPS, check_generation
 
         if mode not in MODES:
             raise ValueError(f"unknown mode {mode!r}: use one of {list(MODES)}")
         if switch_every < 1:
             raise ValueError(f"switch_every must be >= 1, got {switch_every}")
         guidance = DEFAULT_GUIDANCE if guidance is None else guidance
+        check_generation(steps=DEFAULT_STEPS if steps is None else steps, guidance=guidance, seed=seed)
         width, height = size or (native_size(self.pipe),) * 2
         kwargs = dict(num_inference_steps=steps or DEFAULT_STEPS, guidance_scale=guidance, width=width,
                       height=height, generator=torch.Generator("cpu").manual_seed(seed), output_type=output_type)
@@ -411,6 +412,14 @@ def merge_adapters(items: list[tuple[Adapter, Any]], rank: int | None = None) ->
         root = sv[:r].sqrt()
         up, down = ((qb @ u[:, :r]) * root).float(), (root[:, None] * (vh[:r] @ qa.T)).float()
         exact = b @ a
+        # Scales so large the merged factors (or their product, the update a loader computes) pass
+        # float32: the file would be refused, so name the inputs and their scales here.
+        if not (torch.isfinite(up).all() and torch.isfinite(down).all()
+                and float(exact.abs().max()) <= torch.finfo(torch.float32).max):
+            used = ", ".join(f"{ad.path or 'an unsaved adapter'} at scale {s.of(key):g}"
+                             for (ad, _), s in zip(items, scales) if key in ad.layers and s.of(key))
+            raise ValueError(f"cannot merge {key}: {used} add up to a weight update past float32 (NaN/inf): "
+                             "lower the scales")
         err2 += float((up.double() @ down.double() - exact).pow(2).sum())
         norm2 += float(exact.pow(2).sum())
         layers[key] = LoraFactors(down.reshape(r, *first.down.shape[1:]).contiguous(),

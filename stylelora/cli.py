@@ -121,7 +121,11 @@ def cmd_inspect(args) -> None:
     info = describe(load_adapter(args.file))
     info["file_bytes"] = Path(info["path"]).stat().st_size
     if args.json:
-        print(json.dumps(info))
+        try:  # strict JSON: NaN / Infinity are not JSON, and other tools' parsers reject them
+            text = json.dumps(info, allow_nan=False)
+        except ValueError as e:
+            raise UserError(f"{args.file}: cannot print as JSON ({e}): run inspect without --json") from None
+        print(text)
         return
     # Targets grouped by their repeated part (attn2.to_q x7) so SD-sized adapters stay readable.
     groups = collections.Counter(re.sub(r"^([^.]+)\..*\.(transformer_blocks|layers)\.\d+\.", r"\1 ", key)

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from .checkpoints import checkpoints_in, find_checkpoint, load_checkpoint, save_checkpoint
 from .config import TrainConfig, load_toml  # noqa: F401 - TrainConfig and load_toml are used from here
-from .data import split_tags
+from .data import RUN_MARKER, split_tags
 from .fileio import atomic_path, file_identity, publish_beside, remove_folder, set_mode_for, temp_beside, write_text
 
 
@@ -474,6 +474,8 @@ class _Run:
         if not self.accel.is_main_process:
             return
         (self.run_dir / "samples").mkdir(parents=True, exist_ok=True)
+        # Marks the run folder as one whatever its name, so discovery skips it from the first step.
+        (self.run_dir / RUN_MARKER).touch()
         if start == 0 or not self.log_path.is_file():
             self.log_path.write_text("step,loss,lr\n")
         else:  # drop rows past the checkpoint so the curve has no duplicate steps

@@ -7,48 +7,19 @@ from __future__ import annotations
 
 import json
 import re
-import signal
 from pathlib import Path
 
 import pytest
-import torch
 from safetensors import safe_open
 
 from stylelora.config import EMBEDDED_BASE_NAMES, MAX_STEPS, TrainConfig, check_generation, load_toml
 from stylelora.train import train
 
 from test_adapters import make_adapter
-from test_bad_inputs import RED, BLUE, assert_one_error, cli
+# Fixtures of test_bad_inputs.py: deadline and one_thread (autouse: 120 s per test, torch on one
+# thread) and dataset (two solid images with captions).
+from test_bad_inputs import assert_one_error, cli, dataset, deadline, one_thread  # noqa: F401
 from test_blend import keys
-from test_data import solid
-
-
-@pytest.fixture(autouse=True)
-def deadline():
-    def expired(*_):
-        raise TimeoutError("test ran over 120 s: a bad input made something hang")
-
-    old = signal.signal(signal.SIGALRM, expired)
-    signal.alarm(120)
-    yield
-    signal.alarm(0)
-    signal.signal(signal.SIGALRM, old)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    root = tmp_path_factory.mktemp("ds")
-    for i, color in enumerate((RED, BLUE)):
-        solid(root / f"{i}.png", (64, 64), color, caption=f"outline, a shape {i}")
-    return root
 
 
 def tiny(dataset, tiny_base, out, **kw) -> TrainConfig:

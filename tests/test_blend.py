@@ -187,6 +187,12 @@ def test_switch_and_composite(stack, adapters):
     assert np.array_equal(stack.generate(PROMPT, **MERGE), merge)  # modes leave the fused state as stored
     with pytest.raises(ValueError, match="unknown mode 'mix'"):
         stack.generate(PROMPT, mode="mix")
+    # The shared range check (config.check_generation), as the CLI and generate_images use it.
+    for bad, message in [({"steps": 0}, r"steps must be a whole number from 1 to"),
+                         ({"guidance": -1.0}, r"guidance must be a number from 0 to 100"),
+                         ({"seed": -1}, r"seed must be a whole number from 0 to 2\*\*63-1")]:
+        with pytest.raises(ValueError, match=message):
+            stack.generate(PROMPT, **{**GEN, **bad})
 
 
 def test_concurrent_generate_with_scales_has_no_cross_talk(stack, adapters):

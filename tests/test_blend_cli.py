@@ -138,3 +138,25 @@ def test_generate_errors_are_one_line(files, capsys, tmp_path, args, message):
                          files["root"] / "adapters", "-o", tmp_path / "x.png")
     assert code == 2 and err.startswith("stylelora: error: ") and err.count("\n") == 1, err
     assert re.search(message, err) and not (tmp_path / "x.png").exists()
+
+
+def test_inspect_json_refuses_non_finite_numbers(files, capsys, monkeypatch):
+    import stylelora.adapters
+
+    real = stylelora.adapters.describe
+    monkeypatch.setattr(stylelora.adapters, "describe", lambda ad: {**real(ad), "training": {"lr": float("nan")}})
+    code, out, err = run(capsys, "inspect", files["pastel"], "--json")
+    assert code == 2 and out == ""
+    assert re.fullmatch(r"stylelora: error: \S+pastel\S*: cannot print as JSON \(Out of range float values are not "
+                        r"JSON compliant[^)]*\): run inspect without --json\n", err), err
+
+
+@pytest.mark.parametrize("scale", ["1e+300", "1e+40"], ids=["factors-overflow", "update-overflows"])
+def test_merge_refuses_scales_past_float32_naming_the_files_and_scales(files, capsys, tmp_path, scale):
+    out = tmp_path / "m.safetensors"
+    code, _, err = run(capsys, "merge", f"{files['pastel']}:{scale}", f"{files['ink']}:{scale}", "-o", out)
+    assert code == 2 and err.count("\n") == 1 and "cannot merge " in err and "diverged" not in err
+    assert re.search(rf"pastel\.safetensors at scale {re.escape(scale)}(, \S*ink\.safetensors at scale "
+                     rf"{re.escape(scale)})? add up to a weight update past float32 \(NaN/inf\): lower the scales\n",
+                     err), err
+    assert not (tmp_path / "m.safetensors").exists()

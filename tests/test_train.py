@@ -12,6 +12,7 @@ import torch
 
 from stylelora.adapters import load_adapter
 from stylelora.cli import main
+from stylelora.data import RUN_MARKER
 from stylelora.train import TrainConfig, load_toml, train
 from stylelora.world.render import render_batch, styled_caption
 
@@ -127,6 +128,7 @@ def test_training_writes_a_working_adapter(tiny_base, style_folder, tmp_path):
     assert rows[0] == "step,loss,lr" and [int(r.split(",")[0]) for r in rows[1:]] == [2, 4, 6, 8, 10, 12]
     assert (run / "loss.png").stat().st_size > 1000
     assert sorted(p.name for p in (run / "samples").iterdir()) == ["step-000006.png", "step-000012.png"]
+    assert (run / RUN_MARKER).is_file()  # discovery skips the run folder whatever it is renamed to
 
     # Plain diffusers loads every trained layer with the same weights and scale.
     pipe = StableDiffusionPipeline.from_pretrained(tiny_base, safety_checker=None)

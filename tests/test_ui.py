@@ -405,6 +405,36 @@ def test_generation_during_training_and_stop(served):
     ui.delete("stopped", True)
 
 
+def test_a_run_saved_under_a_free_name_shows_it(served, monkeypatch):
+    """train() returns NAME-2.safetensors when another write took NAME meanwhile: the status names
+    the file it wrote and the Adapters tab's picker moves to it."""
+    import shutil
+
+    import stylelora.train
+    from ui.app import MAX_SLOTS
+
+    ui = served[0].stylelora
+    out, saved = ui.adapters_dir / "taken.safetensors", ui.adapters_dir / "taken-2.safetensors"
+
+    def fake_train(cfg, on_log, should_stop):
+        assert Path(cfg.out) == out
+        on_log({"step": 3, "steps": 3, "loss": 0.1, "lr": 1e-3, "steps_per_s": 1.0})
+        shutil.copy(ui.adapters_dir / "inky.safetensors", out)  # an upload under the same name
+        shutil.copy(ui.adapters_dir / "inky.safetensors", saved)
+        return saved
+
+    monkeypatch.setattr(stylelora.train, "train", fake_train)
+    ui.start_training("pastel", "taken", "", 3, 4, 1e-3)
+    ui.job.thread.join(30)
+    polled = ui.poll(*([""] * MAX_SLOTS), "inky", [])
+    assert ui.job.saved == saved and ui.job.error is None
+    assert "3/3" in polled[0] and "done; saved as " in polled[0]
+    assert "taken-2.safetensors: taken.safetensors was taken while it trained" in polled[0]
+    assert polled[-2]["value"] == "taken-2" and "taken-2" in polled[-2]["choices"]
+    ui.delete("taken", True)
+    ui.delete("taken-2", True)
+
+
 def test_auth_refuses_a_wrong_password(tiny_base, ui_dirs):
     import httpx
 

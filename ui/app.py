@@ -260,6 +260,7 @@ class TrainJob:
         self.rows: list[tuple[int, float]] = []
         self.step, self.sps, self.sample = 0, 0.0, None
         self.state, self.error = "loading the base and data", None
+        self.saved: Path | None = None  # the adapter train() wrote: cfg.out, or a free NAME-2 beside it
         self.thread = threading.Thread(target=self._run, name=f"train-{Path(cfg.out).stem}", daemon=True)
         self.thread.start()
 
@@ -275,8 +276,11 @@ class TrainJob:
         from stylelora.train import train
 
         try:
-            train(self.cfg, on_log=self._log, should_stop=self.stop.is_set)
+            self.saved = Path(train(self.cfg, on_log=self._log, should_stop=self.stop.is_set))
             self.state = "done" if self.step >= self.cfg.steps else "stopped early (adapter saved)"
+            if self.saved != Path(self.cfg.out):  # another write took the name while this run trained
+                self.state += (f"; saved as {_shown(self.saved)}: {Path(self.cfg.out).name} was taken "
+                               "while it trained")
         except Exception as e:  # noqa: BLE001 -- shown on the page; a thread must not fail silently
             self.state, self.error = "failed", f"{type(e).__name__}: {e}"
 
@@ -585,6 +589,9 @@ class StyleloraUI:
         if job is None:
             return ["no training yet", gr.skip(), gr.skip(), gr.Timer(active=False)] + [gr.skip()] * N_LISTS
         done = not job.running
+        if done and job.saved is not None and job.saved != Path(job.cfg.out):
+            # Saved under a free name: the Adapters tab's picker shows that adapter.
+            current = (*current[:MAX_SLOTS], job.saved.stem, *current[MAX_SLOTS + 1:])
         sample = Image.open(job.sample) if job.sample else gr.skip()
         lists = self.refresh(*current) if done else [gr.skip()] * N_LISTS
         curve = pd.DataFrame(job.rows, columns=["step", "loss"]).astype({"step": int, "loss": float})
