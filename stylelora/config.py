@@ -87,8 +87,10 @@ class TrainConfig:
     random_crop: bool = _opt(False, "random instead of center crops (turns off the latent cache)")
     flip: bool = _opt(False, "random horizontal flips (turns off the latent cache)")
     # LoRA
-    targets: str = _opt("cross-attn", "UNet layers that get LoRA: cross-attn | attn | attn-ff "
-                                      "(attn-ff for styles you will stack)")
+    # attn-ff (self- and cross-attention and feed-forward) rather than cross-attention alone: as good
+    # alone and it stacks (README, "Stacking": both styles seen on 63-83% of prompts instead of 19-56%).
+    targets: str = _opt("attn-ff", "UNet layers that get LoRA: attn-ff (default: self- and cross-attention + "
+                                   "feed-forward) | attn | cross-attn")
     rank: int = _opt(4, "LoRA rank")
     alpha: float | None = _opt(None, "LoRA alpha; the update is scaled by alpha / rank; unset = rank (scale 1)")
     lora_dropout: float = _opt(0.0, "dropout on the LoRA branch")

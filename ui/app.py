@@ -44,7 +44,7 @@ from typing import Any, NamedTuple
 
 import gradio as gr
 
-from stylelora.blend import MODES
+from stylelora.config import MODES, TrainConfig
 from stylelora.fileio import write_text
 from stylelora.parsing import parse_number_list
 
@@ -550,8 +550,7 @@ class StyleloraUI:
             raise type(e)(str(e).replace(str(tmp), "the upload")) from None
 
     # --- training
-    def start_training(self, dataset, name, trigger, steps, rank, lr, targets="cross-attn"):
-        from stylelora.train import TrainConfig
+    def start_training(self, dataset, name, trigger, steps, rank, lr, targets=TrainConfig.targets):
 
         out = safe_child(self.adapters_dir, name, ".safetensors")
         _check_length(trigger_words=trigger)
@@ -783,8 +782,8 @@ def _train_tab() -> SimpleNamespace:
                     rank = gr.Number(d.rank, label="rank", precision=0, minimum=1)
                     lr = gr.Number(d.lr, label="learning rate", minimum=0)
                 targets = gr.Radio(list(UNET_PRESETS), value=d.targets, label="LoRA on the UNet's",
-                                   info="cross-attn: the default; attn-ff: for styles you will stack with others "
-                                        "(measured to combine better, see the README)", elem_id="train-targets")
+                                   info="attn-ff: the default (stacks with other styles, see the README); "
+                                        "cross-attn: the smallest file", elem_id="train-targets")
                 with gr.Row():
                     start = gr.Button("Start", variant="primary", elem_id="train-start")
                     stop = gr.Button("Stop", variant="stop")
