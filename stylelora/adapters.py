@@ -28,6 +28,7 @@ from typing import Any, Callable, Mapping
 import torch
 
 from .fileio import PICKLE_SUFFIXES, atomic_path
+from .strength import read_map
 
 FORMAT_VERSION = "1"
 PREFIX = "stylelora."
@@ -671,4 +672,5 @@ def describe(adapter: Adapter) -> dict[str, Any]:
             "base_fingerprint": meta.get(PREFIX + "base_fingerprint"), "trigger_words": adapter.trigger_words,
             "training": _json_meta(meta, PREFIX + "training", path) or {},
             "dataset": _json_meta(meta, PREFIX + "dataset", path) or {},
+            "strength_map": read_map(meta, str(path)),  # strength -> raw scale; None: strength = raw scale
             "nbytes": adapter.nbytes, "n_params": adapter.n_params}

@@ -34,6 +34,7 @@ import torch
 
 from .adapters import Adapter, LoraFactors, check_fits, load_adapter, resolve_module, stylelora_metadata
 from .config import MODES
+from .strength import read_map, to_raw
 
 BLOCKS = ("down", "mid", "up")
 _BLOCK_OF = {"down_blocks": "down", "mid_block": "mid", "up_blocks": "up"}
@@ -53,6 +54,7 @@ class Scale:
     unet: float = 1.0
     text_encoder: float = 1.0
     blocks: dict[str, float] = field(default_factory=dict)
+    raw: bool = False  # True: unet / text_encoder are raw LoRA scales, not strengths (see strength.py)
 
     def __post_init__(self):
         if unknown := set(self.blocks) - set(BLOCKS):
@@ -69,10 +71,11 @@ class Scale:
             return value
         if isinstance(value, numbers.Real) and not isinstance(value, bool):  # numpy scalars too
             return cls(value, value)
-        if isinstance(value, Mapping) and not set(value) - {"unet", "text_encoder", "blocks"}:
-            return cls(value.get("unet", 1.0), value.get("text_encoder", 1.0), dict(value.get("blocks") or {}))
+        if isinstance(value, Mapping) and not set(value) - {"unet", "text_encoder", "blocks", "raw"}:
+            return cls(value.get("unet", 1.0), value.get("text_encoder", 1.0), dict(value.get("blocks") or {}),
+                       bool(value.get("raw", False)))
         raise ValueError(f"bad adapter scale {value!r}: give a number or a dict with keys unet, "
-                         "text_encoder, blocks (e.g. {'unet': 1.0, 'text_encoder': 0.5, 'blocks': {'up': 0.5}})")
+                         "text_encoder, blocks, raw (e.g. {'unet': 1.0, 'text_encoder': 0.5, 'blocks': {'up': 0.5}})")
 
     @property
     def active(self) -> bool:
@@ -85,7 +88,13 @@ class Scale:
         return self.unet * self.blocks.get(block_of(key), 1.0)
 
     def times(self, s: float) -> Scale:
-        return Scale(self.unet * s, self.text_encoder * s, dict(self.blocks))
+        return Scale(self.unet * s, self.text_encoder * s, dict(self.blocks), self.raw)
+
+    def to_raw(self, points: list[list[float]] | None) -> Scale:
+        """These strengths as raw LoRA scales through an adapter's strength map (strength.py)."""
+        if self.raw or not points:
+            return self
+        return Scale(to_raw(points, self.unet), to_raw(points, self.text_encoder), dict(self.blocks), True)
 
     def diffusers(self) -> dict[str, Any]:
         """The same scales as one entry of diffusers' `set_adapters(names, weights)`. Note that
@@ -107,6 +116,7 @@ class _Factors(NamedTuple):
 class _Loaded:
     adapter: Adapter
     factors: dict[str, _Factors]  # layer key -> its factors
+    strength_map: list[list[float]] | None = None  # strength -> raw scale (strength.py); None: the same
 
 
 @dataclass
@@ -127,7 +137,7 @@ Plan = dict[str, tuple[tuple[str, float], ...]]  # layer key -> ((adapter, scale
 
 
 def balanced(scales: Mapping[str, Scale], active: list[str]) -> dict[str, Scale]:
-    """The scales balanced mode fuses: each active adapter's times len(active) ** (-1/3)."""
+    """The scales balanced mode fuses: each active adapter's (raw) scale times len(active) ** (-1/3)."""
     k = len(active) ** (-1 / 3) if active else 1.0
     return {n: s.times(k) if n in active else s for n, s in scales.items()}
 
@@ -170,7 +180,7 @@ class AdapterStack:
                 up = layer.up.flatten(1).to(w.device, torch.float32)
                 down = layer.down.flatten(1).to(w.device, torch.float32)
                 factors[key] = _Factors(up, down, layer.scale, float((up.abs().amax(0) * down.abs().amax(1)).sum()))
-            self._loaded[name] = _Loaded(adapter, factors)
+            self._loaded[name] = _Loaded(adapter, factors, read_map(adapter.metadata, str(adapter.path or name)))
             self.scales[name] = scale
             try:
                 self._apply(self._plan(self.scales))
@@ -234,7 +244,7 @@ class AdapterStack:
             active = [n for n in self._loaded if n in call and call[n].active]
             try:
                 if mode in ("merge", "balanced") or not active:
-                    self._apply(self._plan(balanced(call, active) if mode == "balanced" else call))
+                    self._apply(self._plan(balanced(self._raw(call), active) if mode == "balanced" else call))
                     return self.pipe(prompt=prompt, negative_prompt=negative, **kwargs).images[0]
                 return self._compose(_Composition(mode, active, call, prompt, negative, guidance, switch_every, kwargs))
             finally:
@@ -249,7 +259,7 @@ class AdapterStack:
         with self.lock:
             active = [n for n in self._loaded if self.scales[n].active]
             try:
-                self._apply(self._plan(balanced(self.scales, active) if mode == "balanced" else self.scales))
+                self._apply(self._plan(balanced(self._raw(self.scales), active) if mode == "balanced" else self.scales))
                 yield self.pipe
             finally:
                 self._apply(self._plan(self.scales))
@@ -282,9 +292,14 @@ class AdapterStack:
             if not any(key in other.factors for other in self._loaded.values()):
                 del self._modules[key], self._w0[key], self._w0_absmax[key]
 
+    def _raw(self, scales: Mapping[str, Scale]) -> dict[str, Scale]:
+        """Strengths as raw scales, through each adapter's strength map."""
+        return {n: s.to_raw(self._loaded[n].strength_map) if n in self._loaded else s for n, s in scales.items()}
+
     def _plan(self, scales: Mapping[str, Scale]) -> Plan:
         """The terms of every layer for these scales. Only active adapters' layers are visited."""
         plan: dict[str, list] = {}
+        scales = self._raw(scales)
         for name in self._loaded:  # load order, so equal scales always give equal plans
             if name in scales and scales[name].active:
                 for key, f in self._loaded[name].factors.items():
@@ -391,7 +406,8 @@ def merge_adapters(items: list[tuple[Adapter, Any]], rank: int | None = None) ->
         raise ValueError(f"rank must be a positive integer, got {rank}")
     if not items:
         raise ValueError("nothing to merge: give at least one adapter")
-    scales = [Scale.parse(s) for _, s in items]
+    # strengths through each adapter's map: the merged file (which has no map) acts at the raw scales
+    scales = [Scale.parse(s).to_raw(read_map(ad.metadata, str(ad.path))) for ad, s in items]
     layers, err2, norm2 = {}, 0.0, 0.0
     for key in dict.fromkeys(k for ad, _ in items for k in ad.layers):
         pairs = [(ad.layers[key], s.of(key)) for (ad, _), s in zip(items, scales) if key in ad.layers and s.of(key)]

@@ -89,7 +89,7 @@ def cmd_eval(args) -> None:
     if args.seed + args.n - 1 > MAX_SEED:  # image i uses seed + i
         raise UserError(f"--seed {args.seed} + --n {args.n} passes 2**63-1: image i uses seed + i; "
                         "use a smaller --seed")
-    adapters = [(load_adapter(path), scale) for path, scale in _scaled_specs(args.adapter)]  # before the base
+    adapters = [(load_adapter(path), scale) for path, scale in _scaled_specs(args.adapter, args.raw_scale)]  # before the base
     pipe = _load(args)
     stack = AdapterStack(pipe)
     triggers: list[str] = []
@@ -138,9 +138,20 @@ def cmd_inspect(args) -> None:
           + ", ".join(f"{k} x{n}" for k, n in groups.items()) + "\n"
           f"base:           {info['base_name'] or '-'} (fingerprint {info['base_fingerprint'] or '-'})\n"
           f"trigger words:  {', '.join(info['trigger_words']) or '-'}\n"
+          f"strength:       {_strength_line(info['strength_map'])}\n"
           f"training:       {summary(info['training'])}\n"
           f"dataset:        {summary(info['dataset'])}\n"
           f"size:           {info['n_params']:,} parameters, {info['nbytes'] / 1e6:.2f} MB of tensors")
+
+
+def _strength_line(points) -> str:
+    """How stylelora's strengths map to the raw LoRA weight other tools use."""
+    if not points:
+        return "strength = raw LoRA weight (no calibration)"
+    from .strength import to_raw
+
+    return ("calibrated: strength " + ", ".join(f"{s:g} = raw {to_raw(points, s):.2f}" for s in (0.25, 0.5, 0.75))
+            + " (other tools use the raw weight; 0 and 1 are the same in both)")
 
 
 def cmd_convert(args) -> None:
@@ -151,23 +162,29 @@ def cmd_convert(args) -> None:
     print(f"wrote {path}: {len(adapter.layers)} layers, {adapter.source_format} -> {args.to} keys")
 
 
-def _scaled_specs(specs: list[str]):
-    """--adapter PATH[:SCALE[:TE_SCALE]] values -> [(path, Scale)]."""
+def _scaled_specs(specs: list[str], raw: bool = False):
+    """--adapter PATH[:SCALE[:TE_SCALE]] values -> [(path, Scale)]; raw: the numbers are raw LoRA
+    scales, not strengths (--raw-scale)."""
     from .blend import Scale
     from .parsing import parse_adapter_spec
 
     out = []
     for spec in specs:
         path, scale, te = parse_adapter_spec(spec)
-        out.append((Path(path), Scale(scale, scale if te is None else te)))
+        out.append((Path(path), Scale(scale, scale if te is None else te, raw=raw)))
     return out
+
+
+def _add_raw_scale(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--raw-scale", action="store_true",
+                   help="scales are raw LoRA weights (what other tools use), not calibrated strengths")
 
 
 def cmd_merge(args) -> None:
     from .adapters import load_adapter, save_adapter
     from .blend import merge_adapters
 
-    items = [(load_adapter(path), scale) for path, scale in _scaled_specs(args.adapters)]
+    items = [(load_adapter(path), scale) for path, scale in _scaled_specs(args.adapters, args.raw_scale)]
     merged, rel = merge_adapters(items, rank=args.rank)
     path = save_adapter(merged, args.out)
     print(f"wrote {path}: {len(items)} adapters merged at rank {merged.rank} "
@@ -203,7 +220,8 @@ def cmd_generate(args) -> None:
 
     check_generation(steps=args.steps, guidance=args.guidance, seed=args.seed, prefix="--")
     prompt, tagged = parse_prompt_loras(args.prompt, args.adapters_dir)
-    specs = _scaled_specs(args.adapter) + [(path, Scale(s, s)) for path, s in tagged]
+    specs = (_scaled_specs(args.adapter, args.raw_scale)
+             + [(path, Scale(s, s, raw=args.raw_scale)) for path, s in tagged])
     size, strengths = _size(args.size), _strengths(args.sweep) if args.sweep else None
     if strengths and len(specs) * len(strengths) > MAX_SWEEP_IMAGES:
         raise UserError(f"--sweep of {len(specs)} adapter(s) x {len(strengths)} strength(s) is "
@@ -276,7 +294,7 @@ def cmd_ui(args) -> None:
     except ModuleNotFoundError as e:
         raise UserError(f"the web UI needs ui/app.py of a stylelora checkout and gradio ({e})") from None
     serve(args.adapters, args.base, host=args.host, port=args.port, auth=args.auth,
-          datasets_dir=args.datasets, base_config=args.base_config, device=args.device)
+          datasets_dir=args.datasets, base_config=args.base_config, device=args.device, enabled=args.on)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -332,6 +350,7 @@ def _add_eval(sub) -> None:
                    help="blend an adapter in (repeatable); its trigger words are added to the prompts")
     p.add_argument("--n", type=int, default=120)
     p.add_argument("--mode", default=MODES[0], choices=MODES, help=MODE_HELP)
+    _add_raw_scale(p)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS)
     p.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE)
@@ -359,6 +378,7 @@ def _add_adapter_tools(sub) -> None:
     p = sub.add_parser("merge", help="merge scaled adapters into one (truncated SVD of the summed deltas)")
     p.add_argument("adapters", nargs="+", metavar="PATH[:SCALE[:TE_SCALE]]")
     p.add_argument("--rank", type=int, default=None, help="rank of the result (default: sum of ranks, exact)")
+    _add_raw_scale(p)
     p.add_argument("-o", "--out", required=True)
     p.set_defaults(func=cmd_merge)
 
@@ -374,6 +394,7 @@ def _add_generate(sub) -> None:
     p.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE)
     p.add_argument("--size", default=None, metavar="WxH", help="default: the base's native size")
     p.add_argument("--mode", default=MODES[0], choices=MODES, help=MODE_HELP)
+    _add_raw_scale(p)
     p.add_argument("--switch-every", type=int, default=1, help="switch mode: steps per adapter")
     p.add_argument("--sweep", default=None, metavar="S1,S2,...",
                    help="write an adapters x strengths grid instead of one image")
@@ -389,6 +410,8 @@ def _add_ui(sub) -> None:
     _add_base(p)
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
     p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--on", action="append", default=[], metavar="NAME",
+                   help="adapter ticked on (strength 1) when the page opens (repeatable)")
     p.add_argument("--auth", default=os.environ.get("STYLELORA_UI_AUTH"), metavar="USER:PASS",
                    help="require this login (or set STYLELORA_UI_AUTH, which keeps it out of `ps`)")
     p.set_defaults(func=cmd_ui)

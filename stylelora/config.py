@@ -119,6 +119,8 @@ class TrainConfig:
     # means half the style instead of (measured without it) nothing until ~0.75. 0 = off.
     graded_strength: float = _opt(0.0, "fraction of micro-batches trained at a random strength s toward "
                                        "s x data target + (1 - s) x base prediction (0 = off)")
+    calibrate_strength: bool = _opt(True, "when training ends, measure how much style each raw scale shows and "
+                                          "store the map strength -> raw scale in the file (embedded base: a few s)")
     noise_offset: float = _opt(0.0, "noise offset (darker darks, brighter brights); 0.05-0.1 is typical")
     mixed_precision: str = _opt("no", "no | fp16 | bf16: frozen weights in half precision, LoRA in float32")
     gradient_checkpointing: bool = _opt(False, "recompute UNet activations in the backward pass: less memory, slower")

@@ -87,7 +87,7 @@ def main(argv=None) -> None:
         from .cli import main as cli_main
 
         print("starting the web UI with the demo adapter (Ctrl-C stops it; `make demo UI=0` skips it)")
-        cli_main(["ui", "--adapters", str(adapters)])
+        cli_main(["ui", "--adapters", str(adapters), "--on", args.style])
 
 
 if __name__ == "__main__":

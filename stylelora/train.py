@@ -550,6 +550,11 @@ class _Run:
                                               "seconds": round(time.time() - t0, 1)}),
             "stylelora.dataset": json.dumps(self.data.summary()),
         })
+        if cfg.calibrate_strength:
+            from .strength import calibrate
+
+            captions = [self.data.caption_for_sampling(i) for i in range(min(16, self.data.n_images))]
+            adapter.metadata.update(calibrate(adapter, cfg.base, captions, self.triggers))
         try:
             with temp_beside(out) as tmp:
                 save_adapter(adapter, tmp)

@@ -470,3 +470,17 @@ def test_trigger_button_appends_missing_tags(served):
     assert ui.add_triggers("a red star, dots,", "dotty") == "a red star, dots, dotty"
     assert ui.add_triggers("a dotsy star", "dotty") == "a dotsy star, dotty, dots"  # whole tags, not substrings
     assert ui.add_triggers("", "inky") == "inky"
+
+
+def test_on_ticks_an_adapter_when_the_page_opens(served, monkeypatch):
+    """`stylelora ui --on NAME` (make demo: the adapter it trained) starts that row ticked; others stay off."""
+    from stylelora.cli import build_parser
+    from ui.app import MAX_SLOTS, SLOT_OUTPUTS
+
+    assert build_parser().parse_args(["ui", "--on", "dotty"]).on == ["dotty"]
+    ui = served[0].stylelora
+    monkeypatch.setattr(ui, "enabled", {"dotty"})
+    out = ui.refresh(*([""] * MAX_SLOTS), None, [])
+    rows = [out[i * SLOT_OUTPUTS:(i + 1) * SLOT_OUTPUTS] for i in range(MAX_SLOTS)]
+    ticked = {row[1]: row[2]["value"] for row in rows if row[1]}  # (group, name, on, ...) per row
+    assert ticked == {"dotty": True, "inky": False}

@@ -301,7 +301,7 @@ class StyleloraUI:
     """The app's state: folders, the one pipe and AdapterStack, the current training job."""
 
     def __init__(self, adapters_dir, base=None, *, datasets_dir="datasets", base_config=None,
-                 device="cpu", max_adapter_mb=512, max_dataset_mb=512, any_folder=True):
+                 device="cpu", max_adapter_mb=512, max_dataset_mb=512, any_folder=True, enabled=()):
         from stylelora.base import load_base, native_size
         from stylelora.blend import AdapterStack
 
@@ -313,6 +313,7 @@ class StyleloraUI:
         # Typing any folder's absolute path to train on: the local user's own files. serve() turns it
         # off when the UI listens beyond this machine, so remote users stay inside datasets_dir.
         self.any_folder = any_folder
+        self.enabled = set(enabled)  # adapters whose checkbox starts ticked (make demo: the one it trained)
         self.pipe = load_base(base, config=base_config, device=device)
         # Training runs where the app's model runs (TrainConfig takes a device type, not cuda:N).
         self.device = self.pipe.device.type
@@ -430,8 +431,8 @@ class StyleloraUI:
             trig = self.triggers(name) if name else []
             if same:  # the adapter keeps its row: keep its checkbox and sliders
                 row = Slot(name, gr.update(label=name or "-"), **dict.fromkeys(Slot.SLIDERS, gr.skip()))
-            else:  # a new adapter in this row starts off, at the defaults
-                row = Slot(name, gr.update(label=name or "-", value=False))
+            else:  # a new adapter in this row starts off (unless named by --on), at the defaults
+                row = Slot(name, gr.update(label=name or "-", value=name in self.enabled))
             out += [gr.update(visible=bool(name)), *row, gr.update(value="+ " + ", ".join(trig), visible=bool(trig))]
         more = f"; the first {MAX_SLOTS} have sliders, use `<lora:name:w>` for the rest" if len(names) > MAX_SLOTS else ""
         out.append(f"{len(names)} adapter(s) in `{_shown(self.adapters_dir)}`{more}")
