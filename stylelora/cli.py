@@ -98,7 +98,7 @@ def cmd_eval(args) -> None:
         triggers += [t for t in adapter.trigger_words if t not in triggers]
     # Prompts carry the adapters' trigger words, as a user of a style adapter would write them.
     result = evaluate(pipe, n=args.n, seed=args.seed, triggers=triggers, stack=stack, mode=args.mode,
-                      steps=args.steps, guidance=args.guidance)
+                      intensity=args.intensity, steps=args.steps, guidance=args.guidance)
     print(json.dumps(result) if args.json else json.dumps(result, indent=2))
 
 
@@ -351,6 +351,9 @@ def _add_eval(sub) -> None:
     p.add_argument("--n", type=int, default=120)
     p.add_argument("--mode", default=MODES[0], choices=MODES, help=MODE_HELP)
     _add_raw_scale(p)
+    p.add_argument("--intensity", action="store_true",
+                   help="also report each style's intensity (0 = like strength 0, 1 = like strength 1; "
+                        "generates every prompt twice more)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS)
     p.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE)

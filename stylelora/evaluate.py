@@ -36,11 +36,12 @@ def score(images: list[Image.Image], scenes: list[Scene], per_image: bool = Fals
 
 
 def evaluate(pipe, n: int = 120, seed: int = 0, triggers: list[str] = (), stack=None, mode: str | None = None,
-             **gen_kwargs) -> dict:
+             intensity: bool = False, **gen_kwargs) -> dict:
     """Generate n held-out prompts (with the trigger words as trailing tags, as the example
     datasets caption them) and score them. With an AdapterStack, its adapters combine by `mode`
     (default: the stacking default); the result then names the mode and, under "both", the fraction
-    of images showing every shapes-world style among the trigger words."""
+    of images showing every shapes-world style among the trigger words; with `intensity`, also each
+    such style's intensity (style_intensity; costs two more generations per prompt)."""
     if not (isinstance(n, int) and n >= 1):
         raise ValueError(f"n must be a whole number >= 1 (the number of prompts to judge), got {n!r}")
     scenes = heldout_scenes(n, seed)
@@ -50,7 +51,24 @@ def evaluate(pipe, n: int = 120, seed: int = 0, triggers: list[str] = (), stack=
     per_image = result.pop("per_image")
     if stack is None:
         return result
-    return result | {"mode": mode or MODES[0], "both": both_rate(per_image, list(triggers))}
+    result |= {"mode": mode or MODES[0], "both": both_rate(per_image, list(triggers))}
+    if intensity:
+        result["intensity"] = stack_intensity(stack, pipe, prompts, images, seed, mode, list(triggers), **gen_kwargs)
+    return result
+
+
+def stack_intensity(stack, pipe, prompts, images, seed: int, mode, styles: list[str], **gen_kwargs) -> dict:
+    """style_intensity of `images` for each shapes-world style among `styles`: the same prompts and
+    seeds are generated again with every adapter at 0 and every adapter at strength 1."""
+    seeds, stored = [seed + i for i in range(len(prompts))], dict(stack.scales)
+    ends = {}
+    try:
+        for end in (0.0, 1.0):
+            stack.set_scales({n: {"unet": end, "text_encoder": end, "blocks": s.blocks} for n, s in stored.items()})
+            ends[end] = stack_images(stack, pipe, prompts, seeds, mode, **gen_kwargs)
+    finally:
+        stack.set_scales(stored)
+    return {st: style_intensity(images, ends[0.0], ends[1.0], st) for st in styles if family_of(st)}
 
 
 def stack_images(stack, pipe, prompts: list[str], seeds: list[int], mode: str | None = None, **gen_kwargs) -> list:

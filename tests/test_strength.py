@@ -64,3 +64,17 @@ def test_stack_turns_strengths_into_raw_scales(tiny_random_pipe):
     merged, _ = merge_adapters([(calibrated, 0.2)])  # the merged file (no map) holds raw 0.5
     expected = calibrated.layers[next(iter(calibrated.layers))].delta() * 0.5
     assert torch.allclose(next(iter(merged.layers.values())).delta(), expected, atol=1e-5)
+
+
+def test_eval_intensity_is_0_at_strength_0_and_1_at_strength_1(tiny_random_pipe):
+    from stylelora.evaluate import evaluate
+
+    stack = AdapterStack(tiny_random_pipe)
+    stack.add("cal", _adapter(tiny_random_pipe, POINTS))
+    for s in (0.0, 1.0):  # the images are then the ends themselves, exactly
+        stack.set_scales({"cal": s})
+        r = evaluate(tiny_random_pipe, n=2, triggers=["pastel"], stack=stack, intensity=True, steps=2)
+        assert r["mode"] == "balanced" and r["intensity"] == {"pastel": s}, r
+    stack.set_scales({"cal": 0.5})
+    assert stack.scales["cal"].unet == 0.5  # restored after the extra generations
+    stack.reset()
