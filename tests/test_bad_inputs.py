@@ -572,7 +572,7 @@ def test_dataset_of_only_bad_images_is_one_error(tmp_path, tiny_base):
 
 def test_rank_above_the_layer_size(tmp_path, dataset, tiny_base):
     done = cli("train", dataset, "--base", tiny_base, "--rank", 65, "--device", "cpu", "--no-progress", cwd=tmp_path)
-    assert_one_error(done, r"rank 65 is larger than layer .*attn2\.to_q allows \(64x64, at most 64\): "
+    assert_one_error(done, r"rank 65 is larger than layer .*attn1\.to_q allows \(64x64, at most 64\): "
                            r"choose --rank 64 or less")
     assert list(tmp_path.iterdir()) == []
 

@@ -86,6 +86,12 @@ if os.environ.get("STYLELORA_TEST_KILL"):
                 die()
             return replace(src, dst, *args, **kwargs)
         os.replace = hooked
+        link = os.link  # a new adapter is published by a hard link (nothing replaced), an old one by os.replace
+        def hooked_link(src, dst, *args, **kwargs):
+            if point == "final-write" and Path(dst).name == "style.safetensors":
+                die()
+            return link(src, dst, *args, **kwargs)
+        os.link = hooked_link
     else:
         raise SystemExit(f"unknown STYLELORA_TEST_KILL point {point!r}")
 '''
