@@ -221,7 +221,7 @@ def cmd_generate(args) -> None:
     check_generation(steps=args.steps, guidance=args.guidance, seed=args.seed, prefix="--")
     prompt, tagged = parse_prompt_loras(args.prompt, args.adapters_dir)
     specs = (_scaled_specs(args.adapter, args.raw_scale)
-             + [(path, Scale(s, s, raw=args.raw_scale)) for path, s in tagged])
+             + [(path, Scale(w["unet"], w["text_encoder"], raw=args.raw_scale)) for path, w in tagged])
     size, strengths = _size(args.size), _strengths(args.sweep) if args.sweep else None
     if strengths and len(specs) * len(strengths) > MAX_SWEEP_IMAGES:
         raise UserError(f"--sweep of {len(specs)} adapter(s) x {len(strengths)} strength(s) is "
