@@ -457,27 +457,66 @@ def merge_adapters(items: list[tuple[Adapter, Any]], rank: int | None = None) ->
 # --- A1111 prompt syntax --------------------------------------------------------------------
 
 _TAG = re.compile(r"<lora:([^<>]*)>")
+_TAG_KEYS = {"te": "text_encoder", "unet": "unet"}
 
 
-def parse_prompt_loras(prompt: str, adapters_dir: str | Path = "adapters") -> tuple[str, list[tuple[Path, float]]]:
-    """Strip A1111 `<lora:NAME>` / `<lora:NAME:SCALE>` tags from a prompt; NAME is
-    ADAPTERS_DIR/NAME.safetensors. Returns the clean prompt and (path, scale) per tag."""
+def _tag_usage(adapters_dir) -> str:
+    return ("use <lora:NAME> or <lora:NAME:SCALE> (both text encoder and UNet), <lora:NAME:TE:UNET> "
+            "(A1111's order: text encoder first) or named <lora:NAME:te=TE:unet=UNET>, "
+            f"with NAME a file stem in {adapters_dir} (e.g. <lora:pastel:0.8>)")
+
+
+def _tag_weights(body: str, adapters_dir) -> tuple[str, dict[str, float]]:
+    """NAME and {"unet", "text_encoder"} of one tag body, as A1111's Lora network reads it: items
+    split on ':', the first is NAME; `key=value` items are named, the rest positional. TE is the
+    first positional number (default 1), then te= overrides it; UNET is the second positional
+    number (default: TE as it stands), then unet= overrides it."""
+    name, *items = body.split(":")
+    bad = f"malformed prompt tag <lora:{body}>"
+    positional, named = [], {}
+    for item in items:
+        key, eq, value = item.partition("=")
+        if eq:
+            if key.strip() not in _TAG_KEYS:
+                raise ValueError(f"{bad}: {_tag_usage(adapters_dir)}; unknown key {key.strip()!r} "
+                                 "(named weights are te= and unet=)")
+            named[key.strip()] = value  # A1111: a repeated key, the last one wins
+        else:
+            positional.append(item)
+    if not name or "/" in name or "\\" in name or len(positional) > 2:
+        raise ValueError(f"{bad}: {_tag_usage(adapters_dir)}")
+
+    def number(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            value = math.nan
+        if not math.isfinite(value):
+            raise ValueError(f"{bad}: {_tag_usage(adapters_dir)}; {text!r} is not a finite number")
+        return value
+
+    te = number(positional[0]) if positional else 1.0
+    te = number(named["te"]) if "te" in named else te
+    unet = number(positional[1]) if len(positional) > 1 else te
+    unet = number(named["unet"]) if "unet" in named else unet
+    return name, {"unet": unet, "text_encoder": te}
+
+
+def parse_prompt_loras(prompt: str, adapters_dir: str | Path = "adapters") -> tuple[str, list[tuple[Path, dict]]]:
+    """Strip A1111 `<lora:...>` tags from a prompt; NAME is ADAPTERS_DIR/NAME.safetensors. Forms:
+    `<lora:NAME>` (1), `<lora:NAME:W>` (W on both), `<lora:NAME:TE:UNET>` (A1111's order, text
+    encoder first) and named `<lora:NAME:te=TE:unet=UNET>` (either order; mixed with positional
+    numbers, named ones win). Returns the clean prompt and, per tag, (path, {"unet": u,
+    "text_encoder": t}) -- a dict Scale.parse takes."""
     found = []
     for body in _TAG.findall(prompt):
-        name, _, scale = body.partition(":")
-        try:
-            value = float(scale) if scale else 1.0
-        except ValueError:
-            value = None
-        if not name or value is None or not math.isfinite(value) or "/" in name or "\\" in name:
-            raise ValueError(f"malformed prompt tag <lora:{body}>: use <lora:NAME> or <lora:NAME:SCALE> "
-                             f"with NAME a file stem in {adapters_dir} (e.g. <lora:pastel:0.8>)")
+        name, weights = _tag_weights(body, adapters_dir)
         path = Path(adapters_dir) / f"{name}.safetensors"
         if not path.is_file():
             have = sorted(p.stem for p in Path(adapters_dir).glob("*.safetensors") if not p.name.startswith("."))
             raise FileNotFoundError(f"<lora:{body}>: no {path} (adapters in {adapters_dir}: "
                                     f"{', '.join(have) or 'none'}); pass --adapters-dir DIR")
-        found.append((path, value))
+        found.append((path, weights))
     clean = _TAG.sub("", prompt)
     if "<lora:" in clean:
         raise ValueError(f"unclosed <lora:...> tag in prompt {prompt!r}: write <lora:NAME:SCALE>")

@@ -221,7 +221,7 @@ def cmd_generate(args) -> None:
     check_generation(steps=args.steps, guidance=args.guidance, seed=args.seed, prefix="--")
     prompt, tagged = parse_prompt_loras(args.prompt, args.adapters_dir)
     specs = (_scaled_specs(args.adapter, args.raw_scale)
-             + [(path, Scale(s, s, raw=args.raw_scale)) for path, s in tagged])
+             + [(path, Scale(w["unet"], w["text_encoder"], raw=args.raw_scale)) for path, w in tagged])
     size, strengths = _size(args.size), _strengths(args.sweep) if args.sweep else None
     if strengths and len(specs) * len(strengths) > MAX_SWEEP_IMAGES:
         raise UserError(f"--sweep of {len(specs)} adapter(s) x {len(strengths)} strength(s) is "
@@ -288,11 +288,12 @@ def cmd_train(args) -> None:
 def cmd_ui(args) -> None:
     root = Path(__file__).resolve().parents[1]
     if (root / "ui" / "app.py").is_file() and str(root) not in sys.path:
-        sys.path.insert(0, str(root))  # ui/ sits beside the package in a source checkout
+        sys.path.insert(0, str(root))  # ui/ sits beside the package in a source checkout (installed: a package)
     try:
         from ui.app import serve
     except ModuleNotFoundError as e:
-        raise UserError(f"the web UI needs ui/app.py of a stylelora checkout and gradio ({e})") from None
+        raise UserError(f"the web UI needs the ui package (installed with stylelora, or ui/ of a checkout) "
+                        f"and gradio ({e})") from None
     serve(args.adapters, args.base, host=args.host, port=args.port, auth=args.auth,
           datasets_dir=args.datasets, base_config=args.base_config, device=args.device, enabled=args.on)
 

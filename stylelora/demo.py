@@ -29,10 +29,22 @@ def prompt_grid(pipe, seed: int = 0):
     return image_grid(rows, list(SHAPES), colors), images, prompts
 
 
+def example_dataset(style: str) -> Path:
+    """An example dataset: stylelora/datasets/STYLE in an installed wheel (pyproject ships the
+    checkout's datasets/ there), else datasets/STYLE beside the package in a source checkout."""
+    here = Path(__file__).resolve().parent
+    roots = (here / "datasets", here.parent / "datasets")
+    for root in roots:
+        if (root / style).is_dir():
+            return root / style
+    have = sorted({p.name for r in roots if r.is_dir() for p in r.iterdir() if (p / "0001.txt").is_file()})
+    raise SystemExit(f"stylelora.demo: error: no example dataset {style!r} (have: {', '.join(have) or 'none'})")
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", default="out/demo")
-    parser.add_argument("--style", default="dots", help="example style in datasets/ to train")
+    parser.add_argument("--style", default="dots", help="example style to train (datasets/ of the checkout or the installed package)")
     parser.add_argument("--ui", default=os.environ.get("UI", "1") != "0", action=argparse.BooleanOptionalAction,
                         help="end by serving the web UI with the demo adapter (UI=0 skips)")
     args = parser.parse_args(argv)
@@ -60,7 +72,7 @@ def main(argv=None) -> None:
     from .train import TrainConfig, train
     from .world.render import PALETTES
 
-    dataset = Path(__file__).resolve().parents[1] / "datasets" / args.style
+    dataset = example_dataset(args.style)
     adapters = out / "adapters"
     adapter = adapters / f"{args.style}.safetensors"
     t = time.time()

@@ -249,9 +249,10 @@ def test_prompt_lora_tags(tmp_path, adapters):
     save_adapter(adapters["ink"], tmp_path / "ink.safetensors")
     clean, found = parse_prompt_loras("<lora:pastel:0.8> a red star, <lora:ink> on white <lora:pastel:-1.5>", tmp_path)
     assert clean == "a red star, on white"
-    assert found == [(tmp_path / "pastel.safetensors", 0.8), (tmp_path / "ink.safetensors", 1.0),
-                     (tmp_path / "pastel.safetensors", -1.5)]
-    assert parse_prompt_loras("a star, <lora:ink:0.5>", tmp_path) == ("a star", [(tmp_path / "ink.safetensors", 0.5)])
+    both = lambda w: {"unet": w, "text_encoder": w}  # noqa: E731
+    assert found == [(tmp_path / "pastel.safetensors", both(0.8)), (tmp_path / "ink.safetensors", both(1.0)),
+                     (tmp_path / "pastel.safetensors", both(-1.5))]
+    assert parse_prompt_loras("a star, <lora:ink:0.5>", tmp_path) == ("a star", [(tmp_path / "ink.safetensors", both(0.5))])
     for bad in ("<lora:pastel:strong>", "<lora:>", "<lora::1>", "<lora:../x:1>", "a <lora:pastel:1"):
         with pytest.raises(ValueError, match="malformed prompt tag|unclosed <lora"):
             parse_prompt_loras(bad, tmp_path)

@@ -90,8 +90,9 @@ def test_prompt_tags_round_trip(segments):
         prompt = " ".join(_tag(seg[1], seg[2]) if seg[0] == "tag" else seg[1] for seg in segments)
         clean, found = parse_prompt_loras(prompt, d)
     assert clean == " ".join(seg[1] for seg in segments if seg[0] == "word")
-    assert found == [(Path(d) / f"{seg[1]}.safetensors", 1.0 if seg[2] is None else float(seg[2]))
-                     for seg in segments if seg[0] == "tag"]
+    weights = [1.0 if seg[2] is None else float(seg[2]) for seg in segments if seg[0] == "tag"]
+    assert found == [(Path(d) / f"{seg[1]}.safetensors", {"unet": w, "text_encoder": w})
+                     for seg, w in zip([seg for seg in segments if seg[0] == "tag"], weights)]
     assert "<lora:" not in clean
 
 
@@ -102,10 +103,20 @@ def _not_a_number(s: str) -> bool:
         return True
 
 
+finite = st.floats(-10, 10, allow_nan=False)
 bad_body = st.one_of(
     scale.map(lambda s: "" if s is None else f":{s!r}"),  # no name
-    st.tuples(name, st.text(st.characters(blacklist_characters="<>"), min_size=1, max_size=8)
-              .filter(_not_a_number)).map(lambda t: f"{t[0]}:{t[1]}"),  # scale not a finite number
+    # scale not a finite number (':' and '=' start the TE:UNET and te=/unet= forms, below)
+    st.tuples(name, st.text(st.characters(blacklist_characters="<>:="), min_size=1, max_size=8)
+              .filter(_not_a_number)).map(lambda t: f"{t[0]}:{t[1]}"),
+    st.tuples(name, st.lists(finite, min_size=3, max_size=5)).map(  # more than TE:UNET
+        lambda t: ":".join([t[0], *map(repr, t[1])])),
+    st.tuples(name, st.sampled_from(["te", "unet"]), st.sampled_from(["", "x", "nan", "inf", "1:"])).map(
+        lambda t: f"{t[0]}:{t[1]}={t[2]}"),  # a named weight that is not a finite number
+    st.tuples(name, finite, st.sampled_from(["", "x", "nan", "-inf"])).map(
+        lambda t: f"{t[0]}:{t[1]!r}:{t[2]}"),  # TE:UNET with UNET not a finite number
+    st.tuples(name, st.sampled_from(["clip", "dyn", "TE", "model", ""]), finite).map(
+        lambda t: f"{t[0]}:{t[1]}={t[2]!r}"),  # an unknown key
     st.tuples(name, st.sampled_from(["nan", "inf", "-inf", "1e999"])).map(lambda t: f"{t[0]}:{t[1]}"),
     st.tuples(name, st.sampled_from(["/", "\\"]), name).map("".join),  # a path, not a stem
 )

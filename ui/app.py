@@ -13,7 +13,7 @@ Design notes
   endpoint keeps one signature (gradio_client and the tests call it), and a refresh keeps the
   sliders of adapters still present. Each slot carries its adapter's name in a hidden textbox, so
   a request names its adapters even if the folder changed since the page was drawn. Adapters
-  past the slots are reachable with `<lora:name:weight>` in the prompt.
+  past the slots are reachable with `<lora:name:weight>` (or A1111's `<lora:name:te:unet>`) in the prompt.
 - Training runs in a background thread with its own pipe (train() loads it) and the page polls it
   with a gr.Timer. One training at a time per app: the machines this targets have few cores.
 - No adapter or dataset name is in the built app: the page's load event fills the lists (gradio
@@ -366,7 +366,9 @@ class StyleloraUI:
         for slot in Slot.split(slots):
             if slot.name and slot.on:
                 wanted[slot.name] = (float(slot.strength), float(slot.unet), float(slot.te))
-        wanted.update({path.stem: (w, 1.0, 1.0) for path, w in tags})
+        for path, w in tags:  # one weight shows as a strength, as a slider's does
+            u, t = w["unet"], w["text_encoder"]
+            wanted[path.stem] = (u, 1.0, 1.0) if u == t else (1.0, u, t)
         return text, wanted
 
     @staticmethod
