@@ -111,11 +111,12 @@ def bench(label: str, pipe, steps: int, size: int, repeats: int) -> dict:
         stack.set_scales({n: 0.0 for n in active})
         tb = seconds(lambda: pipe(**gen, generator=seeded()))
         stack.set_scales(scale_sets[0])
-        to = seconds(lambda: stack.generate(PROMPT, seed=0, steps=steps, guidance=5.0, size=(size, size)))
+        to = seconds(lambda: stack.generate(PROMPT, seed=0, steps=steps, guidance=5.0, size=(size, size), mode="merge"))
         if r:
             t_base.append(tb)
             t_ours.append(to)
-    ours_img = stack.generate(PROMPT, seed=0, steps=steps, guidance=5.0, size=(size, size), output_type="np")
+    ours_img = stack.generate(PROMPT, seed=0, steps=steps, guidance=5.0, size=(size, size), output_type="np",
+                              mode="merge")  # the weighted sum diffusers computes
     t_apply = [seconds(lambda s=s: stack.set_scales(s)) for s in scale_sets[1:]]
     stack.reset()
     assert all(torch.equal(v, pipe.unet.state_dict()[k]) for k, v in before.items()), "reset is not exact"
