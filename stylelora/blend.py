@@ -244,7 +244,7 @@ class AdapterStack:
             active = [n for n in self._loaded if n in call and call[n].active]
             try:
                 if mode in ("merge", "balanced") or not active:
-                    self._apply(self._plan(balanced(self._raw(call), active) if mode == "balanced" else call))
+                    self._apply(self._fused_plan(call, mode, active))
                     return self.pipe(prompt=prompt, negative_prompt=negative, **kwargs).images[0]
                 return self._compose(_Composition(mode, active, call, prompt, negative, guidance, switch_every, kwargs))
             finally:
@@ -259,7 +259,7 @@ class AdapterStack:
         with self.lock:
             active = [n for n in self._loaded if self.scales[n].active]
             try:
-                self._apply(self._plan(balanced(self._raw(self.scales), active) if mode == "balanced" else self.scales))
+                self._apply(self._fused_plan(self.scales, mode, active))
                 yield self.pipe
             finally:
                 self._apply(self._plan(self.scales))
@@ -291,6 +291,10 @@ class AdapterStack:
         for key in gone.factors:  # layers no other adapter targets are back at W0: drop their copies
             if not any(key in other.factors for other in self._loaded.values()):
                 del self._modules[key], self._w0[key], self._w0_absmax[key]
+
+    def _fused_plan(self, scales: Mapping[str, Scale], mode: str, active: list[str]) -> Plan:
+        """The plan of a fused mode: merge as given; balanced on the raw scales (after the strength maps)."""
+        return self._plan(balanced(self._raw(scales), active) if mode == "balanced" else scales)
 
     def _raw(self, scales: Mapping[str, Scale]) -> dict[str, Scale]:
         """Strengths as raw scales, through each adapter's strength map."""
