@@ -32,7 +32,8 @@ from .strength import read_map
 
 FORMAT_VERSION = "1"
 PREFIX = "stylelora."
-COMPONENTS = ("unet", "text_encoder")
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2")  # text_encoder_2: SDXL's second (bigG)
+TEXT_COMPONENTS = COMPONENTS[1:]
 # == diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY (a test pins it); spelled out so that
 # reading our own files never pays for importing diffusers.
 DIFFUSERS_META_KEY = "lora_adapter_metadata"
@@ -108,7 +109,7 @@ class LoraFactors:
 
 @dataclass
 class Adapter:
-    layers: dict[str, LoraFactors]  # "unet.<module>" / "text_encoder.<module>"
+    layers: dict[str, LoraFactors]  # "unet.<module>" / "text_encoder.<module>" / "text_encoder_2.<module>"
     metadata: dict[str, str] = field(default_factory=dict)
     path: Path | None = None
     source_format: str = "stylelora"  # what the file was: "stylelora" | "diffusers" | "kohya"
@@ -173,13 +174,14 @@ def _most_common(values: list, default):
 def _split(key: str) -> tuple[str, str]:
     comp, _, module = key.partition(".")
     if comp not in COMPONENTS or not module:
-        raise ValueError(f"adapter layer key {key!r} must look like 'unet.<module>' or 'text_encoder.<module>'")
+        raise ValueError(f"adapter layer key {key!r} must look like 'unet.<module>', 'text_encoder.<module>' or "
+                         "'text_encoder_2.<module>'")
     return comp, module
 
 
 def _file_key(key: str) -> str:
     comp, module = _split(key)
-    return f"text_encoder.text_model.{module}" if comp == "text_encoder" else key
+    return f"{comp}.text_model.{module}" if comp in TEXT_COMPONENTS else key
 
 
 def _lora_config(layers: dict[str, LoraFactors]) -> dict[str, Any]:
@@ -429,7 +431,7 @@ def _layers(path: Path, comp: str, sd: dict[str, tuple[str, torch.Tensor]],
         if not (m := _PEFT_KEY.match(key)):
             unknown.append(f"{comp}.{key}")
             continue
-        module = m["module"].removeprefix("text_model.") if comp == "text_encoder" else m["module"]
+        module = m["module"].removeprefix("text_model.") if comp in TEXT_COMPONENTS else m["module"]
         part = "alpha" if m["alpha"] else m["ab"]
         if (module, part) in seen:  # e.g. CLIP with and without text_model., old and new diffusers keys
             raise _twice(path, seen[module, part], file_key, f"{comp}.{module}.{_PART[part]}")
@@ -479,7 +481,7 @@ def _from_diffusers(path: Path, tensors: dict[str, torch.Tensor], metadata: dict
     layers = {}
     for comp, sd in _split_components(path, tensors).items():
         config = {k.removeprefix(comp + "."): v for k, v in lora_meta.items() if k.startswith(comp + ".")}
-        if comp == "text_encoder" and isinstance(config.get("alpha_pattern"), dict):
+        if comp in TEXT_COMPONENTS and isinstance(config.get("alpha_pattern"), dict):
             # Module names lose CLIP's `text_model.` level below (files differ in having it); PEFT's
             # patterns match name suffixes, so patterns must lose it too or they never match.
             config["alpha_pattern"] = {k.removeprefix("text_model."): v for k, v in config["alpha_pattern"].items()}
@@ -621,7 +623,7 @@ def resolve_module(pipe, key: str) -> torch.nn.Module | None:
     """The base module an adapter key adapts (PEFT wrapper unwrapped), or None if the base lacks it."""
     comp, module = _split(key)
     model = getattr(pipe, comp, None)
-    for candidate in (module, "text_model." + module) if comp == "text_encoder" else (module,):
+    for candidate in (module, "text_model." + module) if comp in TEXT_COMPONENTS else (module,):
         with contextlib.suppress(AttributeError):
             mod = model.get_submodule(candidate)  # AttributeError also when the pipe lacks `comp`
             return getattr(mod, "base_layer", mod)

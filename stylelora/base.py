@@ -1,6 +1,6 @@
-"""Load a base text-to-image pipeline: the embedded shapes-world model, a diffusers folder, or a
-single-file (.safetensors) SD 1.x/2.x checkpoint. Everything downstream sees one
-StableDiffusionPipeline, whatever it came from.
+"""Load a base text-to-image pipeline: the embedded shapes-world models, a diffusers folder, or a
+single-file (.safetensors) SD 1.x/2.x or SDXL checkpoint. Everything downstream sees one
+StableDiffusionPipeline or StableDiffusionXLPipeline, whatever it came from.
 """
 
 from __future__ import annotations
@@ -16,6 +16,14 @@ from .fileio import PICKLE_SUFFIXES, atomic_path
 
 EMBEDDED_DIR = Path(__file__).parent / "world" / "assets" / "base"
 EMBEDDED_NAMES = ("embedded", "default", "shapes")
+EMBEDDED_XL_DIR = EMBEDDED_DIR.with_name("base-xl")
+EMBEDDED_XL_NAMES = ("embedded-xl", "shapes-xl")
+# model_index.json's _class_name -> the pipeline class that loads it (img2img/inpaint folders hold the
+# same components; they are loaded as text-to-image).
+_PIPELINES = {"StableDiffusionPipeline": "StableDiffusionPipeline",
+              "StableDiffusionImg2ImgPipeline": "StableDiffusionPipeline",
+              "StableDiffusionXLPipeline": "StableDiffusionXLPipeline",
+              "StableDiffusionXLImg2ImgPipeline": "StableDiffusionXLPipeline"}
 
 
 def pick_device(device: str | None = None) -> torch.device:
@@ -56,7 +64,35 @@ def base_name(spec: str | os.PathLike | None) -> str:
     """Human-readable name recorded in adapter metadata."""
     if spec is None or str(spec) in EMBEDDED_NAMES:
         return "stylelora-shapes-64"
+    if str(spec) in EMBEDDED_XL_NAMES:
+        return "stylelora-shapes-xl-64"
     return Path(spec).name
+
+
+def is_xl(pipe) -> bool:
+    """SDXL layout: a second text encoder whose pooled output conditions the UNet."""
+    return getattr(pipe, "text_encoder_2", None) is not None
+
+
+def text_encoders(pipe) -> dict[str, object]:
+    """The pipeline's text encoders by component name: text_encoder, and text_encoder_2 on SDXL."""
+    names = ("text_encoder", "text_encoder_2")
+    return {n: m for n in names if (m := getattr(pipe, n, None)) is not None}
+
+
+def pipeline_class(folder: str | os.PathLike):
+    """The diffusers pipeline class for a folder's model_index.json, or one clear error."""
+    import diffusers
+
+    index = Path(folder) / "model_index.json"
+    try:
+        name = json.loads(index.read_text(encoding="utf-8")).get("_class_name")
+    except (OSError, ValueError, AttributeError) as e:
+        raise ValueError(f"{index} is not a readable diffusers model index ({e}); re-save the pipeline") from None
+    if name not in _PIPELINES:
+        raise ValueError(f"{folder} holds a {name} pipeline; stylelora loads Stable Diffusion 1.x/2.x "
+                         "(StableDiffusionPipeline) and SDXL (StableDiffusionXLPipeline) bases")
+    return getattr(diffusers, _PIPELINES[name])
 
 
 def native_size(pipe) -> int:
@@ -69,11 +105,11 @@ def load_base(spec: str | os.PathLike | None = None, *, config: str | os.PathLik
               device: str | None = "cpu", dtype: str | torch.dtype | None = None):
     """The base pipeline named by `spec`, offline.
 
-    spec: None / "embedded" -> the packaged shapes-world base; a folder with model_index.json
-    (diffusers layout); or a single .safetensors checkpoint, whose component configs come from
-    `config` (a local diffusers folder of the same architecture) -- nothing is downloaded.
+    spec: None / "embedded" -> the packaged shapes-world base, "embedded-xl" its SDXL-architecture
+    twin; a folder with model_index.json (diffusers layout, SD 1.x/2.x or SDXL); or a single
+    .safetensors checkpoint, whose component configs come from `config` (a local diffusers folder
+    of the same architecture, which also decides SD or SDXL) -- nothing is downloaded.
     """
-    from diffusers import StableDiffusionPipeline
     from diffusers.utils import logging as dlogging
     from transformers.utils import logging as tlogging
 
@@ -82,11 +118,12 @@ def load_base(spec: str | os.PathLike | None = None, *, config: str | os.PathLik
     tlogging.disable_progress_bar()
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)
-    if spec is None or str(spec) in EMBEDDED_NAMES:
-        path = EMBEDDED_DIR
+    if spec is None or str(spec) in EMBEDDED_NAMES + EMBEDDED_XL_NAMES:
+        xl = spec is not None and str(spec) in EMBEDDED_XL_NAMES
+        path = EMBEDDED_XL_DIR if xl else EMBEDDED_DIR
         if not (path / "model_index.json").is_file():
             raise FileNotFoundError(f"the embedded base is missing from {path}; rebuild it with "
-                                    "`stylelora world pretrain --out stylelora/world/assets`")
+                                    f"`stylelora world pretrain --stages {'unet-xl' if xl else 'judge,vae,unet'}`")
     else:
         path = Path(spec).expanduser()
     if not path.exists():
@@ -104,30 +141,33 @@ def load_base(spec: str | os.PathLike | None = None, *, config: str | os.PathLik
         if not (Path(config) / "model_index.json").is_file():
             raise ValueError(f"config folder {config} is not a diffusers pipeline folder (no model_index.json): "
                              "pass the folder of a pipeline with the same architecture")
-        pipe = StableDiffusionPipeline.from_single_file(
-            str(path), config=str(config), local_files_only=True, dtype=dt,
-            safety_checker=None, requires_safety_checker=False)
+        cls = pipeline_class(config)
+        pipe = cls.from_single_file(str(path), config=str(config), local_files_only=True, dtype=dt, **_no_checker(cls))
     else:
         raise ValueError(f"don't know how to load base {path}: expected a diffusers folder or a .safetensors file")
     pipe.set_progress_bar_config(disable=True)
+    if is_xl(pipe) and dt == torch.float16 and pipe.vae.config.get("force_upcast", True):
+        pipe.vae.to(torch.float32)  # SDXL's VAE overflows in float16 (NaN images, NaN latents)
     return pipe.to(dev)
+
+
+def _no_checker(cls) -> dict:
+    """SD 1.x pipelines take a safety checker (none here: offline, and not ours to impose); SDXL has none."""
+    return {} if cls.__name__.endswith("XLPipeline") else {"safety_checker": None, "requires_safety_checker": False}
 
 
 def _load_folder(path: Path, dt: torch.dtype):
     """A diffusers pipeline folder, safetensors weights only, in dtype `dt`."""
-    from diffusers import StableDiffusionPipeline
-
     if not (path / "model_index.json").is_file():
         raise ValueError(f"{path} is not a diffusers pipeline folder (no model_index.json)")
+    cls = pipeline_class(path)
     try:
         # use_safetensors=True: a folder holding only .bin weights would be unpickled otherwise.
         # A half-precision load goes through float32 first: diffusers' own cast reads every
         # float32 page of the memory-mapped files into RAM (SD1.5: +4 GB peak); float32 tensors
         # stay mapped but unread, and _cast_from_files reads them one at a time instead.
         load_dt = torch.float32 if dt in (torch.float16, torch.bfloat16) else dt
-        pipe = StableDiffusionPipeline.from_pretrained(path, local_files_only=True, dtype=load_dt,
-                                                       use_safetensors=True, safety_checker=None,
-                                                       requires_safety_checker=False)
+        pipe = cls.from_pretrained(path, local_files_only=True, dtype=load_dt, use_safetensors=True, **_no_checker(cls))
         if load_dt != dt:
             _cast_from_files(pipe, path, dt)
     except OSError as e:
@@ -165,7 +205,7 @@ def _cast_from_files(pipe, path: Path, dtype: torch.dtype) -> None:
     its file with plain reads: the page cache holds the bytes, not this process, so peak memory is
     the half-precision model plus one float32 tensor. Tensors not found by name (a library renamed
     them on load) fall back to an ordinary cast. Equal bit for bit to diffusers' dtype= load (tested)."""
-    for comp in ("unet", "text_encoder", "vae"):
+    for comp in ("unet", "text_encoder", "text_encoder_2", "vae"):
         model = getattr(pipe, comp, None)
         if model is None:
             continue

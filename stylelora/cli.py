@@ -72,7 +72,7 @@ def cmd_world_pretrain(args) -> None:
     from .world.pretrain import PretrainConfig, pretrain
 
     stages = tuple(s.strip() for s in args.stages.split(","))
-    known = ("judge", "vae", "vae-refine", "unet")
+    known = ("judge", "vae", "vae-refine", "unet", "unet-xl")
     if unknown := [s for s in stages if s not in known]:
         raise UserError(f"unknown --stages {', '.join(unknown)}: choose from {', '.join(known)}")
     pretrain(args.out, PretrainConfig(seed=args.seed), stages=stages)
@@ -330,7 +330,7 @@ def _add_world(sub) -> None:
     p.set_defaults(func=cmd_world_judge_check)
     p = wsub.add_parser("pretrain", help="rebuild the embedded base and judge from scratch")
     p.add_argument("--out", default=str(Path(__file__).parent / "world" / "assets"))
-    p.add_argument("--stages", default="judge,vae,unet")
+    p.add_argument("--stages", default="judge,vae,unet,unet-xl")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_world_pretrain)
 

@@ -446,26 +446,44 @@ def _to_8bit(a: np.ndarray, mode: str) -> np.ndarray:
     return np.floor(a / 2 ** (bits - 8)).clip(max=255).astype(np.uint8)
 
 
-def fit_to_bucket(img: Image.Image, size: tuple[int, int], rng: random.Random | None = None,
-                  random_crop: bool = False, flip: bool = False) -> Image.Image:
-    """Resize (keeping aspect) to cover `size`, crop to it (centre or random), maybe mirror."""
-    bw, bh = size
-    w, h = img.size
+def crop_geometry(size: tuple[int, int], bucket: tuple[int, int], rng: random.Random | None = None,
+                  random_crop: bool = False, flip: bool = False) -> tuple[tuple[int, int], tuple[int, int], bool]:
+    """How fit_to_bucket maps an image of `size` (w, h) into `bucket` (w, h): the resized size that
+    covers the bucket, the crop's (left, top) in it, and whether it is mirrored. Draws from `rng`
+    in a fixed order (crop, then flip), so geometry and pixels agree for one seed."""
+    bw, bh = bucket
+    w, h = size
     scale = max(bw / w, bh / h)
     nw, nh = max(bw, round(w * scale)), max(bh, round(h * scale))
-    if (nw, nh) != (w, h):
-        # Lanczos for downscaling (sharp, no aliasing); bicubic rings less when enlarging.
-        img = img.resize((nw, nh), Image.Resampling.LANCZOS if scale < 1 else Image.Resampling.BICUBIC)
     if (random_crop or flip) and rng is None:
         raise ValueError("random_crop/flip need an rng: pass random.Random(seed)")
     if random_crop:
         left, top = rng.randint(0, nw - bw), rng.randint(0, nh - bh)
     else:
         left, top = (nw - bw) // 2, (nh - bh) // 2
-    img = img.crop((left, top, left + bw, top + bh))
-    if flip and rng.random() < 0.5:
-        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    return img
+    return (nw, nh), (left, top), bool(flip and rng.random() < 0.5)
+
+
+def fit_to_bucket(img: Image.Image, size: tuple[int, int], rng: random.Random | None = None,
+                  random_crop: bool = False, flip: bool = False) -> Image.Image:
+    """Resize (keeping aspect) to cover `size`, crop to it (centre or random), maybe mirror."""
+    (nw, nh), (left, top), flipped = crop_geometry(img.size, size, rng, random_crop, flip)
+    if (nw, nh) != img.size:
+        # Lanczos for downscaling (sharp, no aliasing); bicubic rings less when enlarging.
+        down = max(size[0] / img.size[0], size[1] / img.size[1]) < 1
+        img = img.resize((nw, nh), Image.Resampling.LANCZOS if down else Image.Resampling.BICUBIC)
+    img = img.crop((left, top, left + size[0], top + size[1]))
+    return img.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flipped else img
+
+
+def micro_conditioning(size: tuple[int, int], bucket: tuple[int, int], rng: random.Random | None = None,
+                       random_crop: bool = False, flip: bool = False) -> list[int]:
+    """SDXL's add_time_ids for one training image: original (h, w), the crop's (top, left) in the
+    resized image, and the target (h, w). A mirrored crop reports the mirrored crop's left edge."""
+    (nw, _), (left, top), flipped = crop_geometry(size, bucket, rng, random_crop, flip)
+    if flipped:
+        left = nw - left - bucket[0]
+    return [size[1], size[0], top, left, bucket[1], bucket[0]]
 
 
 # ----------------------------------------------------------------------------- captions
@@ -574,8 +592,11 @@ class CaptionFolder(Dataset):
         # Separate streams, so turning flips on does not change which captions get shuffled how.
         cap_rng = random.Random(f"{self.seed}/{self.epoch}/{i}/caption")
         out = {"caption": self.captions(self.items[k].caption, cap_rng), "index": i, "item": k, "bucket": bucket}
+        pix_seed = f"{self.seed}/{self.epoch}/{i}/pixels"
+        out["time_ids"] = micro_conditioning(self.items[k].size, bucket, random.Random(pix_seed), self.random_crop,
+                                             self.flip)
         if pixels:
-            pix_rng = random.Random(f"{self.seed}/{self.epoch}/{i}/pixels")
+            pix_rng = random.Random(pix_seed)
             img = fit_to_bucket(load_image(self.items[k].path), bucket, pix_rng, self.random_crop, self.flip)
             out["pixel_values"] = torch.from_numpy(np.asarray(img, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1.0
         return out
