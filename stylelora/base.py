@@ -250,6 +250,8 @@ def _unet_key(k: str, layers: int) -> str:
     per = layers + 1  # LDM counts a level's resnets plus its down/upsampler
     if p[0] == "time_embedding":
         return "time_embed." + {"linear_1": "0", "linear_2": "2"}[p[1]] + "." + ".".join(p[2:])
+    if p[0] == "add_embedding":  # SDXL's text_time embedding (kohya: label_emb)
+        return "label_emb.0." + {"linear_1": "0", "linear_2": "2"}[p[1]] + "." + ".".join(p[2:])
     if p[0] == "conv_in":
         return "input_blocks.0.0." + ".".join(p[1:])
     if p[0] == "conv_norm_out":
@@ -273,6 +275,18 @@ def _unet_key(k: str, layers: int) -> str:
     if p[0] == "up_blocks":
         raise AssertionError("up blocks are mapped in _unet_to_ldm")
     raise ValueError(f"unexpected UNet key {k}")
+
+
+def ldm_unet_module(module: str, layers: int) -> str:
+    """A diffusers UNet module path as the original (LDM/SAI) checkpoint names it, e.g. SDXL's
+    down_blocks.1.attentions.0.proj_in -> input_blocks.4.1.proj_in: the names kohya's SDXL LoRA keys
+    are built from. `layers` is the UNet's layers_per_block (SDXL: 2)."""
+    p = module.split(".")
+    if p[0] != "up_blocks" or p[2] not in ("attentions", "resnets"):
+        return _unet_key(module, layers)
+    i, j, rest = int(p[1]), int(p[3]), ".".join(p[4:])
+    rest = _sub(rest, _RESNET) if p[2] == "resnets" else rest
+    return f"output_blocks.{(layers + 1) * i + j}.{0 if p[2] == 'resnets' else 1}.{rest}"
 
 
 def _unet_to_ldm(unet) -> dict[str, torch.Tensor]:

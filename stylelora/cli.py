@@ -24,7 +24,8 @@ class UserError(Exception):
 
 def _add_base(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base", default=None,
-                   help="base model: 'embedded' (default), a diffusers folder, or a .safetensors checkpoint")
+                   help="base model: 'embedded' (default), 'embedded-xl' (its SDXL twin), a diffusers folder, "
+                        "or a .safetensors checkpoint")
     p.add_argument("--base-config", default=None,
                    help="local diffusers folder with the configs of a single-file --base")
     p.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto (default: cpu)")

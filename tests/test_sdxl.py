@@ -176,3 +176,38 @@ def test_xl_every_stacking_mode_runs_and_one_adapter_is_merge(xl_adapter, tiny_x
     two = [np.asarray(stack.generate("a red star", seed=2, steps=4, mode=mode)) for _ in range(2)]
     assert np.array_equal(*two)  # deterministic for a seed
     assert not np.array_equal(two[0], one)
+
+
+def _sdxl_layout_unet():
+    """SDXL's block layout at toy width: no attention in the first level, 2 layers per block,
+    2 transformer blocks deeper down, linear projections, text_time."""
+    from diffusers import UNet2DConditionModel
+
+    return UNet2DConditionModel(
+        sample_size=8, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), block_out_channels=(32, 64, 64),
+        layers_per_block=2, cross_attention_dim=32, transformer_layers_per_block=(1, 2, 2), attention_head_dim=8,
+        norm_num_groups=8, use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=8,
+        projection_class_embeddings_input_dim=32 + 6 * 8)
+
+
+@pytest.mark.parametrize("layout", ["embedded-xl", "sdxl"])
+def test_sai_module_names_map_back_through_diffusers(tiny_xl_pipe, layout):
+    """Every attention and resnet layer's SAI name (what kohya SDXL keys are built from), read back by
+    diffusers' own SDXL kohya loader (its sgm block mapping), names the module it came from."""
+    from diffusers.loaders import StableDiffusionXLLoraLoaderMixin
+
+    from stylelora.adapters import _to_peft
+    from stylelora.base import ldm_unet_module
+
+    unet = tiny_xl_pipe.unet if layout == "embedded-xl" else _sdxl_layout_unet()
+    layers = unet.config.layers_per_block
+    modules = [n for n, m in unet.named_modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))
+               and (".attentions." in n or ".resnets." in n)]
+    assert len(modules) > 50
+    for module in modules:
+        name = "lora_unet_" + ldm_unet_module(module, layers).replace(".", "_")
+        sd = {f"{name}.lora_down.weight": torch.zeros(1, 4), f"{name}.lora_up.weight": torch.zeros(4, 1)}
+        converted, _ = StableDiffusionXLLoraLoaderMixin.lora_state_dict(sd, unet_config=unet.config)
+        back = {_to_peft("unet", k.removeprefix("unet.")).rsplit(".lora_", 1)[0] for k in converted}
+        assert back == {module}, (module, name, converted.keys())
