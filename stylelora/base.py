@@ -342,14 +342,52 @@ def _vae_to_ldm(vae) -> dict[str, torch.Tensor]:
     return out
 
 
+def _clip_to_ldm(text_encoder, prefix: str) -> dict[str, torch.Tensor]:
+    """A transformers CLIP text model under `prefix` with its `text_model.` level (SD 1.x's
+    cond_stage_model.transformer., SDXL's conditioner.embedders.0.transformer.)."""
+    out = {}
+    for k, v in text_encoder.state_dict().items():
+        k = k if k.startswith(("text_model.", "text_projection")) else "text_model." + k
+        out[prefix + k] = v
+    return out
+
+
+_OPEN_CLIP = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "self_attn.out_proj": "attn.out_proj",
+              "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
+
+
+def _open_clip_to_ldm(text_encoder, prefix: str) -> dict[str, torch.Tensor]:
+    """SDXL's second text encoder in the OpenCLIP layout its original checkpoint uses: fused q/k/v
+    (attn.in_proj_*), resblocks, ln_final, and text_projection as a (width, proj) matrix."""
+    sd = {k.removeprefix("text_model."): v for k, v in text_encoder.state_dict().items()}
+    out = {"positional_embedding": sd.pop("embeddings.position_embedding.weight"),
+           "token_embedding.weight": sd.pop("embeddings.token_embedding.weight"),
+           "text_projection": sd.pop("text_projection.weight").T}
+    sd.pop("embeddings.position_ids", None)
+    for k in [k for k in sd if ".self_attn.q_proj." in k]:
+        i, kind = k.split(".")[2], k.rsplit(".", 1)[1]  # encoder.layers.{i}.self_attn.q_proj.{weight|bias}
+        qkv = [sd.pop(k.replace("q_proj", x)) for x in ("q_proj", "k_proj", "v_proj")]
+        out[f"transformer.resblocks.{i}.attn.in_proj_{kind}"] = torch.cat(qkv)
+    for k, v in sd.items():
+        if k.startswith("final_layer_norm."):
+            out["ln_final." + k.split(".", 1)[1]] = v
+        else:  # encoder.layers.{i}.<module>.<param>
+            i, rest = k.split(".")[2], ".".join(k.split(".")[3:])
+            out[f"transformer.resblocks.{i}." + _sub(rest, _OPEN_CLIP)] = v
+    return {prefix + k: v for k, v in out.items()}
+
+
 def save_single_file(pipe, path: str | os.PathLike) -> Path:
-    """Write the pipeline as one original-layout .safetensors checkpoint (atomic)."""
+    """Write the pipeline as one original-layout .safetensors checkpoint (atomic): SD 1.x/2.x's
+    cond_stage_model, or SDXL's two conditioner.embedders."""
     from safetensors.torch import save_file
 
     sd = {**_unet_to_ldm(pipe.unet), **_vae_to_ldm(pipe.vae)}
-    for k, v in pipe.text_encoder.state_dict().items():
-        k = k if k.startswith("text_model.") or k.startswith("text_projection") else "text_model." + k
-        sd["cond_stage_model.transformer." + k] = v
+    if is_xl(pipe):
+        sd |= _clip_to_ldm(pipe.text_encoder, "conditioner.embedders.0.transformer.")
+        sd |= _open_clip_to_ldm(pipe.text_encoder_2, "conditioner.embedders.1.model.")
+    else:
+        sd |= _clip_to_ldm(pipe.text_encoder, "cond_stage_model.transformer.")
     with atomic_path(path) as tmp:
         save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp))
     return Path(path)

@@ -211,3 +211,19 @@ def test_sai_module_names_map_back_through_diffusers(tiny_xl_pipe, layout):
         converted, _ = StableDiffusionXLLoraLoaderMixin.lora_state_dict(sd, unet_config=unet.config)
         back = {_to_peft("unet", k.removeprefix("unet.")).rsplit(".lora_", 1)[0] for k in converted}
         assert back == {module}, (module, name, converted.keys())
+
+
+def test_xl_single_file_round_trip(tiny_xl_pipe, tiny_xl_base, tmp_path):
+    """save_single_file writes SDXL's original layout (conditioner.embedders.0 = CLIP-L, .1 = OpenCLIP
+    bigG with fused q/k/v); diffusers' from_single_file, through load_base, reads every tensor back."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from stylelora.base import load_base, save_single_file
+
+    path = save_single_file(tiny_xl_pipe, tmp_path / "xl.safetensors")
+    pipe = load_base(path, config=tiny_xl_base)
+    assert isinstance(pipe, StableDiffusionXLPipeline)
+    for comp in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        want, got = getattr(tiny_xl_pipe, comp).state_dict(), getattr(pipe, comp).state_dict()
+        assert set(want) == set(got), comp
+        assert all(torch.equal(want[k], got[k]) for k in want), comp

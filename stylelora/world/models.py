@@ -18,7 +18,9 @@ from .render import COLORS, PALETTES, SHAPES, TECHNIQUES
 
 RESOLUTION = 64
 TEXT_DIM = 64
-XL_TEXT_DIMS = (32, 32)  # hidden sizes of the XL base's two text encoders (concatenated: TEXT_DIM)
+# Hidden sizes of the XL base's two text encoders: concatenated they are TEXT_DIM; unequal, as in SDXL
+# (768, 1280), since diffusers' single-file loader tells the two apart by width.
+XL_TEXT_DIMS = (24, 40)
 XL_POOLED_DIM = 32  # text_encoder_2's projection: the pooled embedding
 XL_TIME_DIM = 16  # Fourier features per micro-conditioning number (SDXL: 256)
 
