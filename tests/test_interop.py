@@ -399,3 +399,21 @@ def test_convert_to_diffusers_still_writes_the_old_layout(trained, tmp_path):
     for key in a.layers:
         assert torch.equal(a.layers[key].down, b.layers[key].down) and torch.equal(a.layers[key].up, b.layers[key].up)
         assert a.layers[key].alpha == b.layers[key].alpha
+
+
+def test_diffusers_reads_kohya_clip_layers_only_with_an_out_proj_among_them(tiny_random_pipe, tmp_path):
+    """A diffusers 0.42 limit the default file stays clear of: it tells a kohya file's CLIP part by a
+    `to_out_lora` key (utils/state_dict_utils.py convert_state_dict_to_diffusers), so CLIP q/v layers
+    without an out_proj fail to load. stylelora's text-encoder LoRA always includes out_proj; this
+    test notes the limit (README, Interoperability) and fails once diffusers lifts it."""
+    te = "text_encoder.encoder.layers.0.self_attn."
+    layers = {te + p: LoraFactors(torch.randn(2, 64), torch.randn(64, 2), 2.0) for p in ("q_proj", "v_proj")}
+    assert all(any(k.endswith(p) for k in text_encoder_targets(tiny_random_pipe.text_encoder))
+               for p in ("q_proj", "k_proj", "v_proj", "out_proj"))
+    pipe = copy.deepcopy(tiny_random_pipe)
+    with pytest.raises(ValueError, match="Could not automatically infer state dict type"):
+        pipe.load_lora_weights(str(save_adapter(Adapter(layers), tmp_path / "qv.safetensors")), adapter_name="qv")
+    layers[te + "out_proj"] = LoraFactors(torch.randn(2, 64), torch.randn(64, 2), 2.0)
+    pipe = copy.deepcopy(tiny_random_pipe)
+    pipe.load_lora_weights(str(save_adapter(Adapter(layers), tmp_path / "qvo.safetensors")), adapter_name="qvo")
+    assert sum("qvo" in getattr(m, "lora_A", {}) for m in pipe.text_encoder.modules()) == 3
