@@ -252,6 +252,11 @@ def test_the_rules_refuse_near_miss_names(sd15, tmp_path):
     assert not any(a1111_maps(n, a1111) for n in near_misses)
     te1 = {n.replace("lora_te_", "lora_te1_") for n in te}
     assert te1 <= comfyui_names(pipe) and all(a1111_maps(n, a1111) for n in te1) and not te1 & sd_scripts_names(pipe)
+    # The diffusers/PEFT layout: sd-scripts (create_network_from_weights) and A1111 (load_network) take
+    # a key's module name as its text before the first ".", which is then "unet" or "text_encoder".
+    old = save_adapter(load_adapter(path), tmp_path / "old.safetensors", layout="diffusers")
+    assert {k.split(".", 1)[0] for k in read(old)[0]} == {"unet", "text_encoder"}
+    assert not {"unet", "text_encoder"} & sd_scripts_names(pipe) and not a1111_maps("unet", a1111)
 
 
 def test_diffusers_loads_every_module_on_the_sd15_layout(sd15):
