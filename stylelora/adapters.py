@@ -237,16 +237,23 @@ def _metadata(adapter: Adapter, keep=lambda key: True) -> dict[str, str]:
             PREFIX + "alpha": json.dumps(adapter.alpha), PREFIX + "targets": json.dumps(adapter.targets)}
 
 
-def save_adapter(adapter: Adapter, path: str | os.PathLike, *, layout: str = "kohya",
+def save_adapter(adapter: Adapter, path: str | os.PathLike, *, layout: str | None = None,
                  output_name: str | None = None) -> Path:
-    """Write `adapter` atomically in `layout` and return the path. "kohya" (the default): the keys
-    diffusers, ComfyUI, A1111 and sd-scripts all load, with sd-scripts' `ss_*` metadata; "diffusers":
-    diffusers/PEFT keys (format version 1's layout). `output_name` is the name kohya tools list the
-    adapter under (`ss_output_name`); unset = the file's stem (pass it when `path` is a temporary)."""
+    """Write `adapter` atomically in `layout` and return the path. "kohya" (the default for SD 1.x/2.x):
+    the keys diffusers, ComfyUI, A1111 and sd-scripts all load, with sd-scripts' `ss_*` metadata;
+    "diffusers": diffusers/PEFT keys (format version 1's layout; the default for SDXL adapters, whose
+    kohya names -- lora_te1_/lora_te2_, SAI UNet blocks -- are not written yet). `output_name` is the
+    name kohya tools list the adapter under (`ss_output_name`); unset = the file's stem (pass it when
+    `path` is a temporary)."""
+    sdxl = _is_sdxl(adapter)
+    layout = layout or ("diffusers" if sdxl else "kohya")
     if layout == "diffusers":
         return _save_diffusers(adapter, path)
     if layout != "kohya":
         raise ValueError(f"unknown adapter layout {layout!r}: use one of {list(LAYOUTS)}")
+    if sdxl:
+        raise ValueError(f"{path}: this is an SDXL adapter, and stylelora writes SDXL's kohya layout (lora_te1_/"
+                         "lora_te2_ and SAI UNet block names) not yet: write it with diffusers keys (--to diffusers)")
     alpha, factors = _one_alpha(adapter)
     tensors = {}
     for key, (down, up) in factors.items():
@@ -280,6 +287,12 @@ def _save_diffusers(adapter: Adapter, path: str | os.PathLike) -> Path:
     lora_meta = {f"{comp}.{k}": v for comp, ls in per_comp.items() for k, v in _lora_config(ls).items()}
     metadata[DIFFUSERS_META_KEY] = json.dumps(lora_meta, indent=2, sort_keys=True)
     return _atomic_save(tensors, metadata, path)
+
+
+def _is_sdxl(adapter: Adapter) -> bool:
+    """An SDXL adapter: it adapts SDXL's second text encoder, or its metadata says so (UNet-only)."""
+    return ("text_encoder_2" in adapter.components
+            or adapter.metadata.get("ss_base_model_version", "").startswith("sdxl_"))
 
 
 def _kohya_name(key: str) -> str:
@@ -321,8 +334,8 @@ def version_metadata(v2: bool, v_prediction: bool | None = None, zero_snr: bool 
 def base_metadata(pipe) -> dict[str, str]:
     """version_metadata read off a pipeline: SD 2.x is the one whose text encoder (OpenCLIP ViT-H, how
     A1111 and ComfyUI tell SD2) is 1024 wide; the scheduler says v-prediction and zero-terminal SNR."""
-    if getattr(pipe, "text_encoder_2", None) is not None:
-        return {}  # SDXL: not an SD 1.x/2.x base; its ss_base_model_version is another story
+    if getattr(pipe, "text_encoder_2", None) is not None:  # SDXL, as sd-scripts' SDXL trainer names it
+        return {"ss_v2": "False", "ss_base_model_version": "sdxl_base_v1-0"}
     sched = dict(pipe.scheduler.config)
     width = getattr(getattr(pipe.text_encoder, "config", None), "hidden_size", None)
     return version_metadata(width == SD2_TEXT_WIDTH, sched.get("prediction_type") == "v_prediction",

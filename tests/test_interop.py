@@ -422,3 +422,17 @@ def test_diffusers_reads_kohya_clip_layers_only_with_an_out_proj_among_them(tiny
     pipe = copy.deepcopy(tiny_random_pipe)
     pipe.load_lora_weights(str(save_adapter(Adapter(layers), tmp_path / "qvo.safetensors")), adapter_name="qvo")
     assert sum("qvo" in getattr(m, "lora_A", {}) for m in pipe.text_encoder.modules()) == 3
+
+
+def test_sdxl_adapters_keep_diffusers_keys_until_their_kohya_names_are_written(tmp_path):
+    """SDXL's kohya layout (lora_te1_/lora_te2_, SAI UNet block names) is not written yet: an SDXL
+    adapter (a text_encoder_2 layer, or sd-scripts' SDXL version string) defaults to diffusers keys,
+    and asking for kohya keys is one clear error instead of SD1-style names no SDXL loader reads."""
+    te2 = Adapter({"text_encoder_2.encoder.layers.0.self_attn.q_proj": LoraFactors(torch.ones(2, 8), torch.ones(8, 2), 2.0)})
+    unet_only = Adapter({"unet.down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k": LoraFactors(
+        torch.ones(2, 8), torch.ones(8, 2), 2.0)}, {"ss_base_model_version": "sdxl_base_v1-0"})
+    for ad in (te2, unet_only):
+        keys = read(save_adapter(ad, tmp_path / "xl.safetensors"))[0]
+        assert all(k.endswith((".lora_A.weight", ".lora_B.weight")) for k in keys), keys
+        with pytest.raises(ValueError, match="SDXL adapter.*not yet: write it with diffusers keys"):
+            save_adapter(ad, tmp_path / "k.safetensors", layout="kohya")

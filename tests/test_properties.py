@@ -250,5 +250,6 @@ def test_module_path_is_what_check_fits_resolves(module):
     assert f"{comp}.{rest}" == module and comp in ("unet", "text_encoder")
     file_key = _file_key(module)
     assert file_key == (f"text_encoder.text_model.{rest}" if comp == "text_encoder" else module)
-    with pytest.raises(ValueError, match="must look like 'unet.<module>' or 'text_encoder.<module>'"):
+    with pytest.raises(ValueError, match="must look like 'unet.<module>', 'text_encoder.<module>' or "
+                                         "'text_encoder_2.<module>'"):
         _split(rest)
