@@ -32,7 +32,8 @@ from typing import Any, Mapping, NamedTuple
 
 import torch
 
-from .adapters import Adapter, LoraFactors, check_fits, load_adapter, resolve_module, stylelora_metadata
+from .adapters import (Adapter, LoraFactors, check_fits, common_base_metadata, load_adapter, resolve_module,
+                       stylelora_metadata)
 from .config import MODES
 from .strength import read_map, to_raw
 
@@ -473,6 +474,7 @@ def merge_adapters(items: list[tuple[Adapter, Any]], rank: int | None = None) ->
     meta = stylelora_metadata(base_name=common("stylelora.base_name"),
                               base_fingerprint=common("stylelora.base_fingerprint"), trigger_words=triggers,
                               training={"merged_from": sources, "rank": rank or "sum", "relative_error": rel})
+    meta |= common_base_metadata(metas)  # ss_v2 & co. when every input agrees: A1111 lists SD2 files by it
     return Adapter(layers=layers, metadata=meta), rel
 
 

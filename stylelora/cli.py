@@ -156,10 +156,10 @@ def _strength_line(points) -> str:
 
 
 def cmd_convert(args) -> None:
-    from .adapters import export_kohya, load_adapter, save_adapter
+    from .adapters import load_adapter, save_adapter
 
     adapter = load_adapter(args.input)
-    path = (export_kohya if args.to == "kohya" else save_adapter)(adapter, args.out)
+    path = save_adapter(adapter, args.out, layout=args.to)
     print(f"wrote {path}: {len(adapter.layers)} layers, {adapter.source_format} -> {args.to} keys")
 
 
@@ -374,7 +374,8 @@ def _add_adapter_tools(sub) -> None:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_inspect)
 
-    p = sub.add_parser("convert", help="rewrite an adapter with kohya (A1111/ComfyUI) or diffusers keys")
+    p = sub.add_parser("convert", help="rewrite an adapter with kohya keys (the default layout, which "
+                       "diffusers, ComfyUI, A1111 and sd-scripts load) or diffusers/PEFT keys")
     p.add_argument("input")
     p.add_argument("--to", required=True, choices=["kohya", "diffusers"])
     p.add_argument("-o", "--out", required=True)

@@ -603,6 +603,7 @@ class _Run:
             "stylelora.training": json.dumps({**cfg.summary(), "steps_done": done,
                                               "seconds": round(time.time() - t0, 1)}),
             "stylelora.dataset": json.dumps(self.data.summary()),
+            **self._kohya_metadata(done, t0),
         })
         if cfg.calibrate_strength:
             from .strength import calibrate
@@ -611,13 +612,59 @@ class _Run:
             adapter.metadata.update(calibrate(adapter, cfg.base, captions, self.triggers))
         try:
             with temp_beside(out) as tmp:
-                save_adapter(adapter, tmp)
+                save_adapter(adapter, tmp, output_name=out.stem)  # kohya layout: every tool loads it
                 return self._publish(tmp, out)
         except OSError as e:
             last = checkpoints_in(run / "checkpoints")
             raise OSError(e.errno, f"{e.strerror or e}; the trained adapter was not written. " + (
                 f"Free space, then `--resume {run}` continues from {last[-1].name}" if last else
                 "There is no checkpoint to resume from: free space and train again")) from e
+
+    def _kohya_metadata(self, done: int, t0: float) -> dict[str, str]:
+        """The run as sd-scripts' train_network.py records it (`ss_*`), which A1111 and other UIs show:
+        resolution, steps, learning rates, folders and tags. Names only, never a local path. The base's
+        version entries come from adapter_from_pipeline, the network's from save_adapter."""
+        from .base import base_name, native_size
+
+        cfg, size = self.cfg, self.cfg.resolution or native_size(self.pipe)
+        dirs, tags = self._dataset_dirs()
+        entries = {
+            "ss_sd_model_name": base_name(cfg.base), "ss_training_started_at": t0,
+            "ss_training_finished_at": time.time(), "ss_steps": done, "ss_max_train_steps": cfg.steps,
+            "ss_learning_rate": cfg.lr, "ss_unet_lr": cfg.lr,
+            "ss_text_encoder_lr": (cfg.te_lr or cfg.lr / 2) if cfg.train_text_encoder else None,
+            "ss_resolution": (size, size), "ss_enable_bucket": cfg.bucket, "ss_num_train_images": len(self.data),
+            "ss_batch_size_per_device": cfg.batch_size, "ss_gradient_accumulation_steps": cfg.grad_accum,
+            "ss_total_batch_size": cfg.batch_size * cfg.grad_accum * self.accel.num_processes,
+            "ss_lr_scheduler": cfg.lr_schedule, "ss_lr_warmup_steps": cfg.warmup_steps,
+            "ss_optimizer": cfg.optimizer, "ss_max_grad_norm": cfg.max_grad_norm, "ss_seed": cfg.seed,
+            "ss_min_snr_gamma": cfg.min_snr_gamma, "ss_noise_offset": cfg.noise_offset,
+            "ss_network_dropout": cfg.lora_dropout, "ss_mixed_precision": cfg.mixed_precision,
+            "ss_caption_dropout_rate": cfg.caption_dropout, "ss_shuffle_caption": cfg.shuffle_captions,
+            "ss_keep_tokens": cfg.keep_tokens, "ss_flip_aug": cfg.flip, "ss_random_crop": cfg.random_crop,
+            "ss_prior_loss_weight": cfg.preserve_weight,
+            "ss_dataset_dirs": json.dumps(dirs), "ss_tag_frequency": json.dumps(tags),
+        }
+        return {k: str(v) for k, v in entries.items()}  # sd-scripts writes str(value): "True", "None"
+
+    def _dataset_dirs(self) -> tuple[dict, dict]:
+        """ss_dataset_dirs ({folder: {"n_repeats", "img_count"}}) and ss_tag_frequency ({folder: {tag:
+        times in the captions}}, tags lower-cased and counted as sd-scripts counts them), keyed by
+        image folder: its path inside the dataset (kohya's `10_name`), the dataset's name at its top."""
+        from pathlib import PurePosixPath
+
+        top = self.cfg.summary()["dataset"]
+        dirs: dict[str, dict[str, int]] = {}
+        tags: dict[str, dict[str, int]] = {}
+        for k, item in enumerate(self.data.items):
+            folder = str(PurePosixPath(item.rel).parent)
+            folder = top if folder == "." else folder
+            entry = dirs.setdefault(folder, {"n_repeats": item.repeats, "img_count": 0})
+            entry["img_count"] += 1
+            counts = tags.setdefault(folder, {})
+            for tag in split_tags(self.data.caption_for_sampling(k).lower()):  # the trigger included
+                counts[tag] = counts.get(tag, 0) + 1
+        return dirs, tags
 
     def _publish(self, tmp: Path, out: Path) -> Path:
         """The written adapter `tmp` into place: over the file that was at `out` when the run started

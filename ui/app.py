@@ -2,7 +2,7 @@
 captions, live progress) and Adapters (inspect, convert, merge, delete, upload).
 
 Thin on purpose: every action is a call into stylelora (load_base, AdapterStack, train, discover,
-load_adapter/save_adapter/export_kohya); this file maps widgets to arguments and back.
+load_adapter/save_adapter); this file maps widgets to arguments and back.
 
 Design notes
 - One base pipe and one AdapterStack per app, loaded once: sliders and adapter changes never
@@ -655,11 +655,11 @@ class StyleloraUI:
         return out
 
     def convert(self, name, fmt, new_name):
-        from stylelora.adapters import export_kohya, load_adapter, save_adapter
+        from stylelora.adapters import load_adapter, save_adapter
 
         adapter = load_adapter(self.adapter_path(name))
-        out = self._publish(new_name or f"{name}-{fmt}",
-                            lambda tmp: (export_kohya if fmt == "kohya" else save_adapter)(adapter, tmp))
+        new_name = new_name or f"{name}-{fmt}"
+        out = self._publish(new_name, lambda tmp: save_adapter(adapter, tmp, layout=fmt, output_name=new_name))
         return f"wrote {out.name} ({fmt} keys)"
 
     def merge(self, names, weights, new_name, rank):
@@ -676,7 +676,7 @@ class StyleloraUI:
         self._new_path(new_name)  # a taken name fails before the work
         merged, err = merge_adapters([(load_adapter(self.adapter_path(n)), w) for n, w in zip(names, ws)],
                                      rank=int(rank) if rank else None)
-        out = self._publish(new_name, lambda tmp: save_adapter(merged, tmp))
+        out = self._publish(new_name, lambda tmp: save_adapter(merged, tmp, output_name=new_name))  # kohya layout
         return (f"wrote {out.name} = " + " + ".join(f"{w:g}·{n}" for n, w in zip(names, ws)) +
                 f" (relative error {err:.2g})")
 
