@@ -239,25 +239,21 @@ def _metadata(adapter: Adapter, keep=lambda key: True) -> dict[str, str]:
 
 def save_adapter(adapter: Adapter, path: str | os.PathLike, *, layout: str | None = None,
                  output_name: str | None = None) -> Path:
-    """Write `adapter` atomically in `layout` and return the path. "kohya" (the default for SD 1.x/2.x):
-    the keys diffusers, ComfyUI, A1111 and sd-scripts all load, with sd-scripts' `ss_*` metadata;
-    "diffusers": diffusers/PEFT keys (format version 1's layout; the default for SDXL adapters, whose
-    kohya names -- lora_te1_/lora_te2_, SAI UNet blocks -- are not written yet). `output_name` is the
-    name kohya tools list the adapter under (`ss_output_name`); unset = the file's stem (pass it when
-    `path` is a temporary)."""
-    sdxl = _is_sdxl(adapter)
-    layout = layout or ("diffusers" if sdxl else "kohya")
+    """Write `adapter` atomically in `layout` and return the path. "kohya" (the default): the keys
+    diffusers, ComfyUI, A1111 and sd-scripts all load, with sd-scripts' `ss_*` metadata (SDXL: as
+    sd-scripts' SDXL trainer names them, see _kohya_name); "diffusers": diffusers/PEFT keys (format
+    version 1's layout). `output_name` is the name kohya tools list the adapter under
+    (`ss_output_name`); unset = the file's stem (pass it when `path` is a temporary)."""
+    layout = layout or LAYOUTS[0]
     if layout == "diffusers":
         return _save_diffusers(adapter, path)
     if layout != "kohya":
         raise ValueError(f"unknown adapter layout {layout!r}: use one of {list(LAYOUTS)}")
-    if sdxl:
-        raise ValueError(f"{path}: this is an SDXL adapter, and stylelora writes SDXL's kohya layout (lora_te1_/"
-                         "lora_te2_ and SAI UNet block names) not yet: write it with diffusers keys (--to diffusers)")
+    xl_layers = _xl_layers_per_block(adapter.metadata) if _is_sdxl(adapter) else None
     alpha, factors = _one_alpha(adapter)
     tensors = {}
     for key, (down, up) in factors.items():
-        name = _kohya_name(key)
+        name = _kohya_name(key, xl_layers)
         tensors[name + ".lora_down.weight"] = _tensor(down, key)
         tensors[name + ".lora_up.weight"] = _tensor(up, key)
         tensors[name + ".alpha"] = torch.tensor(alpha, dtype=torch.float32)
@@ -295,12 +291,32 @@ def _is_sdxl(adapter: Adapter) -> bool:
             or adapter.metadata.get("ss_base_model_version", "").startswith("sdxl_"))
 
 
-def _kohya_name(key: str) -> str:
+def _kohya_name(key: str, xl_layers: int | None = None) -> str:
     """kohya's module name for a layer key, the rule ComfyUI, A1111 and sd-scripts' LoRANetwork share:
     `lora_unet_` / `lora_te_` + the module path with `_` for `.`. CLIP paths keep the `text_model.`
-    level of transformers 4 (what those tools' CLIP modules are called)."""
+    level of transformers 4 (what those tools' CLIP modules are called). SDXL (xl_layers = the UNet's
+    layers_per_block): sd-scripts' SDXL names -- UNet paths as the original SAI checkpoint names its
+    blocks (input_blocks / middle_block / output_blocks), `lora_te1_` for CLIP-L, `lora_te2_` for bigG."""
     comp, module = _split(key)
-    return ("lora_te_text_model_" if comp == "text_encoder" else "lora_unet_") + module.replace(".", "_")
+    if xl_layers is None:
+        return ("lora_te_text_model_" if comp == "text_encoder" else "lora_unet_") + module.replace(".", "_")
+    if comp == "unet":
+        from .base import ldm_unet_module
+
+        return "lora_unet_" + ldm_unet_module(module, xl_layers).replace(".", "_")
+    return {"text_encoder": "lora_te1_text_model_", "text_encoder_2": "lora_te2_text_model_"}[comp] + module.replace(".", "_")
+
+
+XL_LAYERS_KEY = PREFIX + "unet_layers_per_block"  # how an SDXL file's SAI block names were counted
+
+
+def _xl_layers_per_block(metadata: Mapping[str, str]) -> int:
+    """The UNet's layers_per_block an SDXL adapter was made for: its metadata's, else SDXL's own (2)."""
+    value = metadata.get(XL_LAYERS_KEY, "2")
+    if not value.isdigit() or not 1 <= int(value) <= 16:
+        raise ValueError(f"metadata {XL_LAYERS_KEY!r} is {value[:20]!r}, not a small whole number (the SDXL UNet's "
+                         "layers_per_block): fix or delete that entry")
+    return int(value)
 
 
 def _one_alpha(adapter: Adapter) -> tuple[float, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
@@ -335,7 +351,8 @@ def base_metadata(pipe) -> dict[str, str]:
     """version_metadata read off a pipeline: SD 2.x is the one whose text encoder (OpenCLIP ViT-H, how
     A1111 and ComfyUI tell SD2) is 1024 wide; the scheduler says v-prediction and zero-terminal SNR."""
     if getattr(pipe, "text_encoder_2", None) is not None:  # SDXL, as sd-scripts' SDXL trainer names it
-        return {"ss_v2": "False", "ss_base_model_version": "sdxl_base_v1-0"}
+        return {"ss_v2": "False", "ss_base_model_version": "sdxl_base_v1-0",
+                XL_LAYERS_KEY: str(pipe.unet.config.layers_per_block)}
     sched = dict(pipe.scheduler.config)
     width = getattr(getattr(pipe.text_encoder, "config", None), "hidden_size", None)
     return version_metadata(width == SD2_TEXT_WIDTH, sched.get("prediction_type") == "v_prediction",
