@@ -59,7 +59,8 @@ _MAGIC = ((b"\x89PNG", "a PNG image", _REFETCH), (b"\xff\xd8\xff", "a JPEG image
           (b"PK\x03\x04", "a zip archive", "unzip it: the .safetensors file may be inside"),
           (b"version https://git-lfs", "a Git LFS pointer to the file", "run `git lfs pull` to fetch the file itself"))
 _PART = {"A": "lora_A", "B": "lora_B", "alpha": "alpha", "M": "lora_magnitude_vector"}
-_PEFT_KEY = re.compile(r"^(?P<module>.+)\.(?:lora_(?P<ab>[AB])\.weight|(?P<alpha>alpha)|(?P<mag>lora_magnitude_vector))$")
+_PEFT_KEY = re.compile(r"^(?P<module>.+)\.(?:lora_(?P<ab>[AB])\.weight|(?P<alpha>alpha)"
+                       r"|(?P<mag>lora_magnitude_vector))$")  # the last: DoRA's magnitudes
 # kohya-named parts of a LoRA / LoCon layer (with `lora_mid.weight`, a CP LoCon: lycoris.PARTS)
 _KOHYA_LORA_PARTS = ("lora_down.weight", "lora_up.weight", "alpha", "dora_scale")
 
@@ -176,12 +177,12 @@ def require_lora(adapter: Adapter, target: str | os.PathLike) -> None:
     """Writers keep LoRA factors only: refuse, by name, a layer of another kind instead of a wrong file."""
     key, layer = next(((k, l) for k, l in adapter.layers.items() if not isinstance(l, LoraFactors)), (None, None))
     if key is not None:
-        src = adapter.path.name if adapter.path else "ADAPTER.safetensors"
-        raise ValueError(f"cannot write {target}: layer {key} of {adapter.path or 'the adapter'} is a "
-                         f"{adapter.source_format} {layer.kind}{' (DoRA)' if isinstance(layer, DoraLayer) else ''} "
-                         "layer, and stylelora writes LoRA factors only. Convert it to LoRA with `stylelora merge "
-                         f"{src}:1 --raw-scale -o NEW.safetensors` (an SVD of each layer's exact update; --rank N "
-                         "makes it smaller, --base names the base when it needs one)")
+        kind = layer.kind + (" DoRA" if isinstance(layer, DoraLayer) else "")
+        raise ValueError(f"cannot write {target}: layer {key} of {adapter.path or 'the adapter'} is a {kind} layer "
+                         f"(a {adapter.source_format} file), and stylelora writes LoRA factors only. Convert it to "
+                         f"LoRA with `stylelora merge {adapter.path or 'ADAPTER.safetensors'}:1 --raw-scale -o "
+                         "NEW.safetensors` (an SVD of each layer's exact update; --rank N makes it smaller, --base "
+                         "names the base when it needs one)")
 
 
 def stylelora_metadata(*, base_name: str | None = None, base_fingerprint: str | None = None,

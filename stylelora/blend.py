@@ -3,8 +3,10 @@ them into the base weights, or compose them per denoising step; and merge severa
 
 Merge mode writes, for every targeted layer, W = W0 + sum_i s_i * (alpha_i / r_i) * B_i @ A_i into
 the plain nn.Linear / Conv2d weight, so a blended pipeline costs exactly what the base costs (no
-PEFT wrappers in the forward pass). W0 is copied for targeted layers only; a layer is rewritten
-only when its list of (adapter, coefficient) terms changed, and adapters at scale 0 never enter
+PEFT wrappers in the forward pass). LyCORIS (LoCon with a CP core, LoHa, LoKr, full) and DoRA layers
+enter that sum as their exact dense update s_i * dW_i (lycoris.py); DoRA's dW is computed once, when
+the adapter is added, against this stack's W0. W0 is copied for targeted layers only; a layer is
+rewritten only when its list of (adapter, coefficient) terms changed, and adapters at scale 0 never enter
 that list, so loaded-but-inactive adapters cost nothing.
 
 balanced (the default) is that merge with every active adapter's scale times N ** (-1/3), N the number of
@@ -165,7 +167,8 @@ class AdapterStack:
         return list(self._loaded)
 
     def add(self, name: str, adapter: str | Path | Adapter, scale: Any = 1.0) -> Adapter:
-        """Load (or replace) adapter `name` at `scale`. Checks it fits the base first."""
+        """Load (or replace) adapter `name` at `scale`. Checks it fits the base first. (A LyCORIS or
+        DoRA layer costs one dense float32 copy of its update, made here.)"""
         if not isinstance(name, str) or not name:
             raise ValueError(f"adapter name must be a non-empty string, got {name!r}")
         adapter = adapter if isinstance(adapter, Adapter) else load_adapter(adapter)
@@ -489,7 +492,11 @@ def merge_adapters(items: list[tuple[Adapter, Any]], rank: int | None = None, ba
         if not pairs:
             continue
         having = [ad for ad, _ in items if key in ad.layers]
-        if odd := next((ad for ad in having if ad.layers[key].shape != having[0].layers[key].shape), None):
+        # (with a base, check_fits has compared each layer with it; a flat LyCORIS layer's 2-D shape
+        # then differs from the same layer's 4-D one in another adapter, rightly)
+        odd = None if base is not None else \
+            next((ad for ad in having if ad.layers[key].shape != having[0].layers[key].shape), None)
+        if odd is not None:
             raise ValueError(f"cannot merge {key}: it is {having[0].layers[key].shape} in {having[0].path} but "
                              f"{odd.layers[key].shape} in {odd.path}: the adapters were trained on bases of "
                              "different architectures (merge adapters of one base only)")

@@ -41,7 +41,8 @@ PARTS = {"lora_mid.weight": "locon", "diff": "full",
          **{p: "loha" for p in ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")},
          **{p: "lokr" for p in ("lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2")}}
 # Parts of layer types stylelora does not blend: what they are, for the refusal.
-UNSUPPORTED = {**{p: "a LyCORIS GLoRA layer" for p in ("a1.weight", "a2.weight", "b1.weight", "b2.weight", "bm.weight")},
+UNSUPPORTED = {**{p: "a LyCORIS GLoRA layer" for p in ("a1.weight", "a2.weight", "b1.weight", "b2.weight",
+                                                          "bm.weight")},
                **{p: "a LyCORIS OFT/BOFT layer" for p in ("oft_blocks", "rescale", "oft_diag")},
                **{p: "a LyCORIS IA3 layer" for p in ("on_input", "weight")},
                **{p: "a LyCORIS norm-layer update" for p in ("w_norm", "b_norm")},
@@ -242,7 +243,8 @@ class LokrFactors(_Dense):
     def _side_shape(i: int, w, wa, wb, t) -> tuple[int, ...]:
         if w is not None:
             _need(wa is None and wb is None and t is None,
-                  f"has lokr_w{i} and also its low-rank parts (lokr_w{i}_a/_b or lokr_t{i}): a side is one or the other")
+                  f"has lokr_w{i} and also its low-rank parts (lokr_w{i}_a/_b or lokr_t{i}): a side is one or "
+                  "the other")
             _check(f"lokr_w{i}", w, (2, 4))
             return tuple(w.shape)
         _need(wa is not None and wb is not None, f"lacks lokr_w{i} (or both lokr_w{i}_a and lokr_w{i}_b); the file is "
@@ -369,7 +371,8 @@ class DoraLayer:
         out = inner.shape[0]
         if m.shape[0] == out and m.numel() == out:
             return cls(inner, m, "out", _F32_EPS)
-        _need(m.ndim >= 2 and m.shape[0] == 1 and m.numel() == m.shape[1] and (inner.flat or m.shape[1] == inner.shape[1]),
+        per_input = m.ndim >= 2 and m.shape[0] == 1 and m.numel() == m.shape[1]
+        _need(per_input and (inner.flat or m.shape[1] == inner.shape[1]),  # a flat layer's channels: check_fits
               f"dora_scale {tuple(m.shape)} fits neither axis of its layer's update {inner.shape}: LyCORIS writes "
               "(out, 1, ...) or (1, in, ...)")
         return cls(inner, m, "in", _F32_EPS)

@@ -397,6 +397,13 @@ def test_merge_needs_the_base_only_where_the_update_does(pipe, tmp_path, rand):
     for key in (LINEAR, CONV3):
         want = 0.6 * loha.layers[key].delta(resolve_module(pipe, key).weight)
         torch.testing.assert_close(merged.layers[key].delta(), want, rtol=0, atol=1e-5)
+    # beside a conv LoRA on the same layer: its (128, 64, 3, 3) and the LoHa's flat (128, 576) both fit
+    lora = load_adapter(write(tmp_path, "conv_lora", {f"{kohya(CONV3)}.lora_down.weight": rand(2, 64, 3, 3),
+                                                      f"{kohya(CONV3)}.lora_up.weight": rand(128, 2, 1, 1)}))
+    merged, rel = merge_adapters([(loha, 0.6), (lora, -0.4)], base=pipe)
+    want = 0.6 * loha.layers[CONV3].delta(resolve_module(pipe, CONV3).weight) - 0.4 * lora.layers[CONV3].delta()
+    assert rel < 1e-6 and merged.layers[CONV3].rank == 4 + 2
+    torch.testing.assert_close(merged.layers[CONV3].delta(), want, rtol=0, atol=1e-5)
     # a layer whose shape the file tells (CP LoCon) merges without a base
     cp_file = write(tmp_path, "cp", {f"{kohya(CONV3)}.lora_down.weight": rand(3, 64, 1, 1),
                                      f"{kohya(CONV3)}.lora_mid.weight": rand(3, 3, 3, 3),
