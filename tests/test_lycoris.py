@@ -374,6 +374,23 @@ def test_lora_and_loha_stack_on_one_layer(pipe, tmp_path, rand):
     assert torch.equal(base(pipe, LINEAR), w0)
 
 
+def test_half_precision_base_is_blended_in_float32(pipe, tmp_path, rand):
+    half = copy.deepcopy(pipe).to(dtype=torch.bfloat16)
+    loha = load_adapter(loha_file(tmp_path, rand))
+    lora = load_adapter(write(tmp_path, "lora", {f"{LINEAR}.lora_A.weight": rand(4, 64),
+                                                 f"{LINEAR}.lora_B.weight": rand(128, 4)}))
+    w0 = resolve_module(half, LINEAR).weight.detach().clone()
+    stack = AdapterStack(half)
+    stack.add("loha", loha, 0.5)
+    stack.add("lora", lora, 2.0)
+    want = w0.float() + 2.0 * lora.layers[LINEAR].delta() + 0.5 * loha.layers[LINEAR].delta(w0)
+    # the float32 sum, rounded to bfloat16 once (float32 rounding may move a value by one bf16 step)
+    torch.testing.assert_close(resolve_module(half, LINEAR).weight.float(), want.to(torch.bfloat16).float(),
+                               rtol=2 ** -7, atol=0)
+    stack.reset()
+    assert torch.equal(resolve_module(half, LINEAR).weight, w0)
+
+
 def test_generate_with_a_loha(pipe, tmp_path, rand):
     stack = AdapterStack(pipe)
     stack.add("loha", loha_file(tmp_path, rand, scale=1.0))
