@@ -422,8 +422,8 @@ def _twice(path: Path, first: str, second: str, weight: str) -> ValueError:
 def _unknown(path: Path, keys: list[str]) -> ValueError:
     return ValueError(f"{path}: {len(keys)} key(s) are not LoRA weights stylelora understands (diffusers/PEFT "
                       "lora_A/lora_B/alpha/lora_magnitude_vector, or kohya/LyCORIS lora_down/lora_up/lora_mid, hada_*, "
-                      f"lokr_*, diff, alpha, dora_scale), e.g. {', '.join(keys[:3])}. SDXL's second text encoder "
-                      "(lora_te2_) and full checkpoints are not supported: export a plain SD 1.x/2.x LoRA")
+                      f"lokr_*, diff, alpha, dora_scale), e.g. {', '.join(keys[:3])}. Full checkpoints are not "
+                      "adapters: export a plain SD 1.x/2.x LoRA (or an SDXL or LyCORIS one)")
 
 
 def _unsupported(path: Path, key: str) -> ValueError:
