@@ -603,7 +603,7 @@ def _kohya_module(path: Path, name: str, file_key: str) -> tuple[str, str]:
     except (ValueError, KeyError, IndexError, AttributeError, TypeError, RuntimeError):
         raise _unknown(path, [file_key]) from None
     comps = {k.split(".", 1)[0] for k in converted}
-    if len(comps) != 1 or (comp := comps.pop()) not in COMPONENTS:  # e.g. SDXL's second text encoder
+    if len(comps) != 1 or (comp := comps.pop()) not in COMPONENTS:  # a name no component of ours has
         raise _unknown(path, [file_key])
     if not (m := _PEFT_KEY.match(_to_peft(comp, next(iter(converted)).split(".", 1)[1]))):
         raise _unknown(path, [file_key])
@@ -658,7 +658,8 @@ def _from_kohya(path: Path, tensors: dict[str, torch.Tensor], origins: dict[str,
     return layers
 
 
-def _source_format(layers: Mapping[str, Layer], kohya: bool, version: str | None, metadata: Mapping[str, str]) -> str:
+def _source_format(layers: Mapping[str, Layer], kohya: bool, version: str | None,
+                   metadata: Mapping[str, str]) -> str:
     """What the file was, for inspect: stylelora / diffusers / kohya, or lycoris-<kinds>; +dora if any."""
     kinds = {layer.kind for layer in layers.values()}
     if not kohya:
