@@ -174,3 +174,45 @@ def test_adapters_tab_inspect_and_confirmed_delete(page, app_url):
     from playwright.sync_api import expect
 
     expect(page.locator("[id^=slot] .label-text", has_text="dotty")).to_have_count(0)  # slot gone
+
+
+@pytest.fixture(scope="module")
+def xl_app_url(tiny_xl_base, tmp_path_factory):
+    """The UI on an SDXL-architecture base: the embedded XL base when it is there, else a random one."""
+    from stylelora.base import EMBEDDED_XL_DIR, load_base
+    from ui.app import build_app
+
+    root = tmp_path_factory.mktemp("ui-browser-xl")
+    base = "embedded-xl" if (EMBEDDED_XL_DIR / "model_index.json").is_file() else str(tiny_xl_base)
+    make_adapter(load_base(base), root / "adapters" / "dotty.safetensors", 2, triggers=["dotty"], strength=0.2)
+    app = build_app(root / "adapters", base=base, datasets_dir=root / "datasets")
+    yield app, launch(app)
+    app.close()
+
+
+def test_xl_base_generates_at_sdxl_sizes(browser, xl_app_url):
+    """On an SDXL base the size control lists SDXL's resolutions (scaled to the base); a wide one
+    gives a wide image, the same as the API's; an adapter at strength 1.5 changes it."""
+    from ui.app import size_choices
+
+    app, url = xl_app_url
+    ui = app.stylelora
+    page = browser.new_page(viewport={"width": 1400, "height": 1000})
+    page.set_default_timeout(60_000)
+    page.goto(url)
+    page.locator("#slot0").first.wait_for(state="visible")
+    wide = size_choices(ui.native)[1]  # 1152x896 at SDXL's scale
+    page.get_by_label("size (W x H)").click()
+    page.get_by_role("option", name=wide, exact=True).click()
+    plain = generate(page)
+    w, h = (int(v) for v in wide.split("x"))
+    assert plain.shape == (h, w, 3) and w > h
+    page.locator("#slot0-on input").check()
+    set_slider(page, "slot0-strength", 1.5)
+    styled = generate(page)
+    assert not np.array_equal(styled, plain)
+    direct, settings = ui.generate(*request(adapters={"dotty": 1.5}, steps=20, size=wide, slot_names=["dotty"]))
+    assert settings["size"] == [w, h]
+    assert np.array_equal(styled, np.asarray(direct.convert("RGB")))
+    page.screenshot(path=str(ARTIFACTS / "generate-xl.png"), full_page=True)
+    page.close()
