@@ -3,6 +3,8 @@ technique pair in every composition mode. Twice: with the default TrainConfig an
 default targets (cross-attention only), for comparison.
 
     python bench/styles.py [--n 100] [--out runs/styles]
+    python bench/styles.py --base embedded-xl     # the SDXL-architecture twin: defaults only, fused modes
+
 
 For each style: training time, then on held-out prompts (caption + trigger word) the fraction of
 images the judge calls that style at adapter scales 0, 0.25, 0.5, 0.75, 1.0, the style intensity at
@@ -129,7 +131,12 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "runs" / "styles"))
     ap.add_argument("--styles", default=None, help="comma-separated subset of datasets/")
     ap.add_argument("--smoke", action="store_true", help="20 training steps: checks the script runs, not quality")
+    ap.add_argument("--base", default=None, help="another base (embedded-xl): defaults only, results/styles-BASE.md")
     args = ap.parse_args()
+    if args.base:  # one variant, the fused modes; its own results file and pictures
+        VARIANTS.clear(), VARIANT_MODES.clear()
+        VARIANTS["defaults"], VARIANT_MODES["defaults"] = {"base": args.base}, ("balanced", "merge")
+        args.out = str(Path(args.out).with_name(Path(args.out).name + "-" + args.base))
     if args.smoke:
         for overrides in VARIANTS.values():
             overrides["steps"] = 20
@@ -137,7 +144,7 @@ def main() -> None:
     palettes = [s for s in styles if s in PALETTES]
     techniques = [s for s in styles if s not in PALETTES]
     out = Path(args.out)
-    pipe = load_base()
+    pipe = load_base(args.base)
     pipe.set_progress_bar_config(disable=True)
     scenes = heldout_scenes(args.n)
 
@@ -160,15 +167,19 @@ def main() -> None:
                             "| colour |", "|---" * 6 + "|", *halves])
     results = ROOT / "bench" / "results"
     results.mkdir(parents=True, exist_ok=True)
-    (results / "styles.md").write_text(f"{chr(10).join(lines)}\n\n{stack_table}\n\n{half_table}\n\n{args.n} held-out "
-                                       "prompts per cell; adapters: the default TrainConfig, or with the one override "
-                                       "named; `python bench/styles.py`\n")
+    suffix = f"-{args.base}" if args.base else ""
+    command = "python bench/styles.py" + (f" --base {args.base}" if args.base else "")
+    (results / f"styles{suffix}.md").write_text(
+        f"{chr(10).join(lines)}\n\n{stack_table}\n\n{half_table}\n\n{args.n} held-out prompts per cell; adapters: "
+        f"the default TrainConfig, or with the one override named; `{command}`\n")
 
     (ROOT / "docs").mkdir(exist_ok=True)
     default = next(iter(VARIANTS))
-    image_grid(grids[default], styles, [f"{s:g}" for s in SCALES], scale=2).save(ROOT / "docs" / "styles_grid.png")
-    shutil.copy(out / default / f"{styles[0]}.run" / "loss.png", ROOT / "docs" / "loss.png")
-    stack_grid(pipe, out / default, palettes[0], techniques[0], scenes[:6])
+    image_grid(grids[default], styles, [f"{s:g}" for s in SCALES], scale=2).save(
+        ROOT / "docs" / f"styles_grid{suffix}.png")
+    if not args.base:
+        shutil.copy(out / default / f"{styles[0]}.run" / "loss.png", ROOT / "docs" / "loss.png")
+        stack_grid(pipe, out / default, palettes[0], techniques[0], scenes[:6])
     print("\n\n".join(["\n".join(lines), stack_table, half_table]))
 
 
