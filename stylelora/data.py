@@ -446,26 +446,54 @@ def _to_8bit(a: np.ndarray, mode: str) -> np.ndarray:
     return np.floor(a / 2 ** (bits - 8)).clip(max=255).astype(np.uint8)
 
 
-def fit_to_bucket(img: Image.Image, size: tuple[int, int], rng: random.Random | None = None,
-                  random_crop: bool = False, flip: bool = False) -> Image.Image:
-    """Resize (keeping aspect) to cover `size`, crop to it (centre or random), maybe mirror."""
-    bw, bh = size
-    w, h = img.size
+@dataclass(frozen=True)
+class BucketCrop:
+    """Where an image lands in its bucket: resized to `resized` (w, h), cropped to `box`
+    (left, top, right, bottom), maybe mirrored. One plan serves an image and its mask, so the two
+    stay aligned pixel for pixel."""
+
+    resized: tuple[int, int]
+    box: tuple[int, int, int, int]
+    flipped: bool
+    shrinks: bool  # downscaling (else enlarging or unchanged): picks the resampling filter
+
+
+def bucket_crop(size: tuple[int, int], bucket: tuple[int, int], rng: random.Random | None = None,
+                random_crop: bool = False, flip: bool = False) -> BucketCrop:
+    """Plan the resize (keeping aspect) that covers `bucket`, the crop to it (centre or random) and
+    the flip, for an image of `size` (w, h). Draws from rng: crop offsets, then the flip."""
+    bw, bh = bucket
+    w, h = size
     scale = max(bw / w, bh / h)
     nw, nh = max(bw, round(w * scale)), max(bh, round(h * scale))
-    if (nw, nh) != (w, h):
-        # Lanczos for downscaling (sharp, no aliasing); bicubic rings less when enlarging.
-        img = img.resize((nw, nh), Image.Resampling.LANCZOS if scale < 1 else Image.Resampling.BICUBIC)
     if (random_crop or flip) and rng is None:
         raise ValueError("random_crop/flip need an rng: pass random.Random(seed)")
     if random_crop:
         left, top = rng.randint(0, nw - bw), rng.randint(0, nh - bh)
     else:
         left, top = (nw - bw) // 2, (nh - bh) // 2
-    img = img.crop((left, top, left + bw, top + bh))
-    if flip and rng.random() < 0.5:
-        img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    return img
+    flipped = bool(flip and rng.random() < 0.5)
+    return BucketCrop((nw, nh), (left, top, left + bw, top + bh), flipped, scale < 1)
+
+
+def apply_crop(img: Image.Image, crop: BucketCrop, mask: bool = False) -> Image.Image:
+    """`img` resized, cropped and mirrored as `crop` says. Images: Lanczos for downscaling (sharp, no
+    aliasing), bicubic for enlarging (rings less). Masks: area average for downscaling and bilinear
+    for enlarging, which never ring, so a black region stays exactly 0 away from its edge."""
+    if crop.resized != img.size:
+        if mask:
+            resample = Image.Resampling.BOX if crop.shrinks else Image.Resampling.BILINEAR
+        else:
+            resample = Image.Resampling.LANCZOS if crop.shrinks else Image.Resampling.BICUBIC
+        img = img.resize(crop.resized, resample)
+    img = img.crop(crop.box)
+    return img.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if crop.flipped else img
+
+
+def fit_to_bucket(img: Image.Image, size: tuple[int, int], rng: random.Random | None = None,
+                  random_crop: bool = False, flip: bool = False) -> Image.Image:
+    """Resize (keeping aspect) to cover `size`, crop to it (centre or random), maybe mirror."""
+    return apply_crop(img, bucket_crop(img.size, size, rng, random_crop, flip))
 
 
 # ----------------------------------------------------------------------------- captions
