@@ -6,6 +6,7 @@ Folder layout (searched recursively; names starting with "." are ignored):
       a.png  a.txt                  image + same-stem caption (UTF-8; a BOM is accepted)
       3_style/b.jpg  3_style/b.txt  kohya-style repeats: see below
       metadata.jsonl                optional: {"file_name": "a.png", "text": "a caption"} per line
+      masks/a.png                   masked loss: a.png's mask (white = learn); see find_masks
       style.run/                    a stylelora run folder (loss curve, sample grids): never searched
 
 - Captions: a line of metadata.jsonl (diffusers imagefolder convention, file_name relative to
@@ -556,7 +557,7 @@ def load_mask(path: str | os.PathLike, like: Item | None = None) -> Image.Image:
             if like is not None:
                 w, h = im.size
                 size = (h, w) if im.getexif().get(_ORIENTATION, 1) in (5, 6, 7, 8) else (w, h)
-                if size != like.size:
+                if size != like.size:  # _Skip: passes the decoding errors' handler below
                     raise _Skip(f"mask {path} is {size[0]}x{size[1]} but its image {like.path} is "
                                 f"{like.size[0]}x{like.size[1]}: a mask must have its image's size; resize it to match")
             im = ImageOps.exif_transpose(im)

@@ -111,8 +111,9 @@ def test_mask_follows_its_image_through_random_crops_and_flips(tmp_path):
     # 192x128 halves to 96x64 before the crop: the mask is resampled by area, the image by Lanczos.
     big = tmp_path / "big"
     (big / "masks").mkdir(parents=True)
-    Image.fromarray(img, "RGB").resize((192, 128), Image.Resampling.NEAREST).save(big / "w.png")
-    Image.fromarray(red.astype(np.uint8), "L").resize((192, 128), Image.Resampling.NEAREST).save(big / "masks" / "w.png")
+    double = Image.Resampling.NEAREST
+    Image.fromarray(img, "RGB").resize((192, 128), double).save(big / "w.png")
+    Image.fromarray(red.astype(np.uint8), "L").resize((192, 128), double).save(big / "masks" / "w.png")
     data = CaptionFolder(big, resolution=64, bucket=False, random_crop=True, flip=True, masks=True)
     for epoch in range(8):
         data.set_epoch(epoch)
