@@ -1,12 +1,20 @@
 """LoRA adapter files: stylelora's .safetensors format, and import/export of the other layouts.
 
-On disk an adapter is a plain diffusers/PEFT LoRA file that `pipe.load_lora_weights(path)` reads
-as is: `unet.<module>.lora_A.weight` (rank, in) / `.lora_B.weight` (out, rank), and CLIP under its
-classic `text_encoder.text_model.<module>` path, which every loader accepts (diffusers 0.42 and
-transformers >= 5.6 strip `text_model.`, older ones need it). alpha travels as diffusers' own
-save_lora_weights writes it -- LoraConfig kwargs per component ("unet.r", "unet.lora_alpha",
-"unet.alpha_pattern", ...) in the `lora_adapter_metadata` header entry -- so a plain diffusers load
-gives every layer scaling == alpha / rank. Our own metadata sits beside it under `stylelora.*`.
+On disk an adapter is, by default, a kohya-layout LoRA -- the one file diffusers, ComfyUI, A1111
+and sd-scripts all load unchanged: `lora_unet_<module path with _>.lora_down.weight` (rank, in) /
+`.lora_up.weight` (out, rank) / `.alpha`, and `lora_te_text_model_<...>` for CLIP, with one alpha
+for every layer (see _one_alpha) and sd-scripts' `ss_*` metadata (base version, network, training,
+tags; sshs_* hashes). tests/test_interop.py checks each tool's loader or key rules.
+The other layout, `save_adapter(..., layout="diffusers")` (and every file stylelora wrote before
+kohya became the default), is a plain diffusers/PEFT LoRA file: `unet.<module>.lora_A.weight` /
+`.lora_B.weight`, and CLIP under its classic `text_encoder.text_model.<module>` path, which every
+loader accepts (diffusers 0.42 and transformers >= 5.6 strip `text_model.`, older ones need it).
+alpha then travels as diffusers' own save_lora_weights writes it -- LoraConfig kwargs per
+component ("unet.r", "unet.lora_alpha", "unet.alpha_pattern", ...) in the `lora_adapter_metadata`
+header entry -- so a plain diffusers load gives every layer scaling == alpha / rank. ComfyUI maps
+only the text encoder of such a file, A1111 none of it. Our own metadata sits beside either under
+`stylelora.*` (format version 1 for both: it versions that metadata; readers tell the layouts by
+their keys, and stylelora has read kohya files from the start).
 In memory, keys are "<component>.<module>" without `text_model.`: the installed transformers' and
 PEFT's module names, which (as suffixes) also match the older nested CLIP.
 """
@@ -32,7 +40,8 @@ from .strength import read_map
 
 FORMAT_VERSION = "1"
 PREFIX = "stylelora."
-COMPONENTS = ("unet", "text_encoder")
+COMPONENTS = ("unet", "text_encoder", "text_encoder_2")  # text_encoder_2: SDXL's second (bigG)
+TEXT_COMPONENTS = COMPONENTS[1:]
 # == diffusers.loaders.lora_base.LORA_ADAPTER_METADATA_KEY (a test pins it); spelled out so that
 # reading our own files never pays for importing diffusers.
 DIFFUSERS_META_KEY = "lora_adapter_metadata"
@@ -42,6 +51,12 @@ JSON_TYPES = {DIFFUSERS_META_KEY: dict, PREFIX + "rank": (int, float), PREFIX + 
               PREFIX + "dataset": dict}
 JSON_KEYS = tuple(JSON_TYPES)
 KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
+LAYOUTS = ("kohya", "diffusers")  # what save_adapter writes; the first is the default
+# kohya metadata that describes the base model: kept through conversions and merges of one base.
+BASE_KEYS = ("ss_v2", "ss_base_model_version", "ss_v_parameterization", "ss_zero_terminal_snr", "ss_sd_model_name")
+# kohya metadata that describes the file's own tensors: recomputed on every write.
+_KOHYA_DERIVED = ("ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_output_name", "sshs_")
+SD1_TEXT_WIDTH, SD2_TEXT_WIDTH = 768, 1024  # CLIP ViT-L/14 (SD 1.x) and OpenCLIP ViT-H/14 (SD 2.x) widths
 # `unet.save_lora_adapter` writes keys without a component prefix; their roots say whose they are.
 _BARE_ROOTS = {"unet": ("down_blocks.", "mid_block.", "up_blocks.", "conv_in.", "conv_out.", "time_embedding."),
                "text_encoder": ("text_model.", "encoder.")}
@@ -108,7 +123,7 @@ class LoraFactors:
 
 @dataclass
 class Adapter:
-    layers: dict[str, LoraFactors]  # "unet.<module>" / "text_encoder.<module>"
+    layers: dict[str, LoraFactors]  # "unet.<module>" / "text_encoder.<module>" / "text_encoder_2.<module>"
     metadata: dict[str, str] = field(default_factory=dict)
     path: Path | None = None
     source_format: str = "stylelora"  # what the file was: "stylelora" | "diffusers" | "kohya"
@@ -173,13 +188,14 @@ def _most_common(values: list, default):
 def _split(key: str) -> tuple[str, str]:
     comp, _, module = key.partition(".")
     if comp not in COMPONENTS or not module:
-        raise ValueError(f"adapter layer key {key!r} must look like 'unet.<module>' or 'text_encoder.<module>'")
+        raise ValueError(f"adapter layer key {key!r} must look like 'unet.<module>', 'text_encoder.<module>' or "
+                         "'text_encoder_2.<module>'")
     return comp, module
 
 
 def _file_key(key: str) -> str:
     comp, module = _split(key)
-    return f"text_encoder.text_model.{module}" if comp == "text_encoder" else key
+    return f"{comp}.text_model.{module}" if comp in TEXT_COMPONENTS else key
 
 
 def _lora_config(layers: dict[str, LoraFactors]) -> dict[str, Any]:
@@ -221,9 +237,43 @@ def _metadata(adapter: Adapter, keep=lambda key: True) -> dict[str, str]:
             PREFIX + "alpha": json.dumps(adapter.alpha), PREFIX + "targets": json.dumps(adapter.targets)}
 
 
-def save_adapter(adapter: Adapter, path: str | os.PathLike) -> Path:
-    """Write `adapter` as a diffusers-loadable .safetensors file, atomically. Returns the path."""
-    metadata = _metadata(adapter)
+def save_adapter(adapter: Adapter, path: str | os.PathLike, *, layout: str | None = None,
+                 output_name: str | None = None) -> Path:
+    """Write `adapter` atomically in `layout` and return the path. "kohya" (the default): the keys
+    diffusers, ComfyUI, A1111 and sd-scripts all load, with sd-scripts' `ss_*` metadata (SDXL: as
+    sd-scripts' SDXL trainer names them, see _kohya_name); "diffusers": diffusers/PEFT keys (format
+    version 1's layout). `output_name` is the name kohya tools list the adapter under
+    (`ss_output_name`); unset = the file's stem (pass it when `path` is a temporary)."""
+    layout = layout or LAYOUTS[0]
+    if layout == "diffusers":
+        return _save_diffusers(adapter, path)
+    if layout != "kohya":
+        raise ValueError(f"unknown adapter layout {layout!r}: use one of {list(LAYOUTS)}")
+    xl_layers = _xl_layers_per_block(adapter.metadata) if _is_sdxl(adapter) else None
+    alpha, factors = _one_alpha(adapter)
+    tensors = {}
+    for key, (down, up) in factors.items():
+        name = _kohya_name(key, xl_layers)
+        tensors[name + ".lora_down.weight"] = _tensor(down, key)
+        tensors[name + ".lora_up.weight"] = _tensor(up, key)
+        tensors[name + ".alpha"] = torch.tensor(alpha, dtype=torch.float32)
+    metadata = _metadata(adapter, keep=lambda k: k != DIFFUSERS_META_KEY and not k.startswith(_KOHYA_DERIVED))
+    metadata.update({**_base_version(adapter, metadata), "ss_network_module": "networks.lora",
+                     "ss_network_dim": str(adapter.rank), "ss_network_alpha": str(alpha),
+                     "ss_output_name": output_name or Path(path).stem})
+    metadata.update(_sshs_hashes(tensors, metadata))
+    return _atomic_save(tensors, metadata, path)
+
+
+def export_kohya(adapter: Adapter, path: str | os.PathLike, *, output_name: str | None = None) -> Path:
+    """save_adapter in the kohya layout (kept for callers of the name; it is the default now)."""
+    return save_adapter(adapter, path, layout="kohya", output_name=output_name)
+
+
+def _save_diffusers(adapter: Adapter, path: str | os.PathLike) -> Path:
+    """diffusers/PEFT keys with diffusers' own LoraConfig metadata (see the module docstring). Keeps
+    the base's ss_* facts; drops the entries that describe kohya tensors, which would be false here."""
+    metadata = _metadata(adapter, keep=lambda k: not k.startswith(_KOHYA_DERIVED))
     tensors, per_comp = {}, collections.defaultdict(dict)
     for key, layer in adapter.layers.items():
         comp, module = _split(key)
@@ -235,24 +285,107 @@ def save_adapter(adapter: Adapter, path: str | os.PathLike) -> Path:
     return _atomic_save(tensors, metadata, path)
 
 
-def export_kohya(adapter: Adapter, path: str | os.PathLike) -> Path:
-    """Write a kohya/A1111/ComfyUI file: lora_unet_* / lora_te_* with .lora_down/.lora_up/.alpha."""
-    from diffusers.utils import convert_state_dict_to_kohya
+def _is_sdxl(adapter: Adapter) -> bool:
+    """An SDXL adapter: it adapts SDXL's second text encoder, or its metadata says so (UNet-only)."""
+    return ("text_encoder_2" in adapter.components
+            or adapter.metadata.get("ss_base_model_version", "").startswith("sdxl_"))
 
-    metadata = _metadata(adapter, keep=lambda key: key.startswith(PREFIX))
-    tensors = {}
+
+def _kohya_name(key: str, xl_layers: int | None = None) -> str:
+    """kohya's module name for a layer key, the rule ComfyUI, A1111 and sd-scripts' LoRANetwork share:
+    `lora_unet_` / `lora_te_` + the module path with `_` for `.`. CLIP paths keep the `text_model.`
+    level of transformers 4 (what those tools' CLIP modules are called). SDXL (xl_layers = the UNet's
+    layers_per_block): sd-scripts' SDXL names -- UNet paths as the original SAI checkpoint names its
+    blocks (input_blocks / middle_block / output_blocks), `lora_te1_` for CLIP-L, `lora_te2_` for bigG."""
+    comp, module = _split(key)
+    if xl_layers is None:
+        return ("lora_te_text_model_" if comp == "text_encoder" else "lora_unet_") + module.replace(".", "_")
+    if comp == "unet":
+        from .base import ldm_unet_module
+
+        return "lora_unet_" + ldm_unet_module(module, xl_layers).replace(".", "_")
+    return {"text_encoder": "lora_te1_text_model_", "text_encoder_2": "lora_te2_text_model_"}[comp] + module.replace(".", "_")
+
+
+XL_LAYERS_KEY = PREFIX + "unet_layers_per_block"  # how an SDXL file's SAI block names were counted
+
+
+def _xl_layers_per_block(metadata: Mapping[str, str]) -> int:
+    """The UNet's layers_per_block an SDXL adapter was made for: its metadata's, else SDXL's own (2)."""
+    value = metadata.get(XL_LAYERS_KEY, "2")
+    if not value.isdigit() or not 1 <= int(value) <= 16:
+        raise ValueError(f"metadata {XL_LAYERS_KEY!r} is {value[:20]!r}, not a small whole number (the SDXL UNet's "
+                         "layers_per_block): fix or delete that entry")
+    return int(value)
+
+
+def _one_alpha(adapter: Adapter) -> tuple[float, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """One alpha for every layer, each layer's own alpha / that alpha folded into its up weight: the
+    same updates. Why: diffusers (0.42) reads a kohya file's per-layer alphas only for modules whose
+    converted name keeps `.lora.` (ff, proj_in/out); attention and CLIP layers all get the most
+    common alpha, since their alpha keys name no module. With one alpha every reader is right.
+    Alpha 0 is never written: sd-scripts reads it as alpha = rank, A1111 and ComfyUI as 0."""
+    alpha = _most_common([l.alpha for l in adapter.layers.values() if l.alpha != 0], float(adapter.rank))
+    factors = {}
     for key, layer in adapter.layers.items():
-        # diffusers' converter names the module; we keep only the name, since it writes alpha = rank
-        # and SDXL's `lora_te1_` where SD 1.x/2.x files (and kohya's SD1 trainer) say `lora_te_`.
-        probe = convert_state_dict_to_kohya({_file_key(key) + ".lora_A.weight": layer.down})
-        name = next(iter(probe)).split(".")[0]
-        name = "lora_te_" + name.removeprefix("lora_te1_") if name.startswith("lora_te1_") else name
-        tensors[name + ".lora_down.weight"] = _tensor(layer.down, key)
-        tensors[name + ".lora_up.weight"] = _tensor(layer.up, key)
-        tensors[name + ".alpha"] = torch.tensor(layer.alpha, dtype=torch.float32)
-    metadata.update({"ss_network_module": "networks.lora",  # what A1111's UI lists
-                     "ss_network_dim": str(adapter.rank), "ss_network_alpha": str(adapter.alpha)})
-    return _atomic_save(tensors, metadata, path)
+        up = layer.up if layer.alpha == alpha else (layer.up.float() * (layer.alpha / alpha)).to(layer.up.dtype)
+        factors[key] = (layer.down, up)
+    return alpha, factors
+
+
+def version_metadata(v2: bool, v_prediction: bool | None = None, zero_snr: bool | None = None) -> dict[str, str]:
+    """The base as sd-scripts' train_network.py records it: ss_v2 ("True"/"False"; A1111 lists a LoRA
+    as SD2 only with "True", as SD1 when any other metadata is there) and ss_base_model_version
+    ("sd_v1", "sd_v2", "_v" appended for v-prediction). ss_v_parameterization is not sd-scripts' but
+    other readers look for it; ss_zero_terminal_snr is."""
+    version = ("sd_v2" if v2 else "sd_v1") + ("_v" if v_prediction else "")
+    meta = {"ss_v2": str(bool(v2)), "ss_base_model_version": version}
+    if v_prediction is not None:
+        meta["ss_v_parameterization"] = str(bool(v_prediction))
+    if zero_snr is not None:
+        meta["ss_zero_terminal_snr"] = str(bool(zero_snr))
+    return meta
+
+
+def base_metadata(pipe) -> dict[str, str]:
+    """version_metadata read off a pipeline: SD 2.x is the one whose text encoder (OpenCLIP ViT-H, how
+    A1111 and ComfyUI tell SD2) is 1024 wide; the scheduler says v-prediction and zero-terminal SNR."""
+    if getattr(pipe, "text_encoder_2", None) is not None:  # SDXL, as sd-scripts' SDXL trainer names it
+        return {"ss_v2": "False", "ss_base_model_version": "sdxl_base_v1-0",
+                XL_LAYERS_KEY: str(pipe.unet.config.layers_per_block)}
+    sched = dict(pipe.scheduler.config)
+    width = getattr(getattr(pipe.text_encoder, "config", None), "hidden_size", None)
+    return version_metadata(width == SD2_TEXT_WIDTH, sched.get("prediction_type") == "v_prediction",
+                            bool(sched.get("rescale_betas_zero_snr")))
+
+
+def common_base_metadata(metadatas: list[Mapping[str, str]]) -> dict[str, str]:
+    """The base facts (ss_v2, ...) every one of `metadatas` states alike: what a merge of them keeps."""
+    return {k: metadatas[0][k] for k in BASE_KEYS
+            if metadatas and k in metadatas[0] and all(m.get(k) == metadatas[0][k] for m in metadatas)}
+
+
+def _base_version(adapter: Adapter, metadata: Mapping[str, str]) -> dict[str, str]:
+    """ss_v2 / ss_base_model_version for a file whose metadata lacks them (made by hand, or written by
+    an older stylelora): from the width the cross-attention k/v and CLIP projections take in, 1024 on
+    SD 2.x, 768 on SD 1.x. Other widths (a small custom base, SDXL's 2048): nothing is claimed."""
+    if "ss_v2" in metadata:
+        return {}
+    widths = {layer.down.shape[1] for key, layer in adapter.layers.items()
+              if key.endswith(("attn2.to_k", "attn2.to_v", "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"))}
+    return version_metadata(widths == {SD2_TEXT_WIDTH}) if widths in ({SD1_TEXT_WIDTH}, {SD2_TEXT_WIDTH}) else {}
+
+
+def _sshs_hashes(tensors: dict[str, torch.Tensor], metadata: Mapping[str, str]) -> dict[str, str]:
+    """sd-scripts' precomputed hashes, which A1111 and the additional-networks extension use instead
+    of hashing the file: sha256 of the tensor bytes after the header, and the legacy one (sha256 of
+    the 64 kB at 1 MB into the file, 8 hex digits), with the ss_* metadata only in the header."""
+    from safetensors.torch import save
+
+    blob = save(tensors, {k: v for k, v in metadata.items() if k.startswith("ss_")})
+    start = 8 + struct.unpack("<Q", blob[:8])[0]
+    return {"sshs_model_hash": hashlib.sha256(blob[start:]).hexdigest(),
+            "sshs_legacy_hash": hashlib.sha256(blob[0x100000:0x110000]).hexdigest()[:8]}
 
 
 # --- reading ----------------------------------------------------------------------------------
@@ -429,7 +562,7 @@ def _layers(path: Path, comp: str, sd: dict[str, tuple[str, torch.Tensor]],
         if not (m := _PEFT_KEY.match(key)):
             unknown.append(f"{comp}.{key}")
             continue
-        module = m["module"].removeprefix("text_model.") if comp == "text_encoder" else m["module"]
+        module = m["module"].removeprefix("text_model.") if comp in TEXT_COMPONENTS else m["module"]
         part = "alpha" if m["alpha"] else m["ab"]
         if (module, part) in seen:  # e.g. CLIP with and without text_model., old and new diffusers keys
             raise _twice(path, seen[module, part], file_key, f"{comp}.{module}.{_PART[part]}")
@@ -479,7 +612,7 @@ def _from_diffusers(path: Path, tensors: dict[str, torch.Tensor], metadata: dict
     layers = {}
     for comp, sd in _split_components(path, tensors).items():
         config = {k.removeprefix(comp + "."): v for k, v in lora_meta.items() if k.startswith(comp + ".")}
-        if comp == "text_encoder" and isinstance(config.get("alpha_pattern"), dict):
+        if comp in TEXT_COMPONENTS and isinstance(config.get("alpha_pattern"), dict):
             # Module names lose CLIP's `text_model.` level below (files differ in having it); PEFT's
             # patterns match name suffixes, so patterns must lose it too or they never match.
             config["alpha_pattern"] = {k.removeprefix("text_model."): v for k, v in config["alpha_pattern"].items()}
@@ -586,7 +719,8 @@ def load_adapter(path: str | os.PathLike, *, max_header_bytes: int = 100_000_000
 def adapter_from_pipeline(pipe, adapter_name: str = "default", *,
                           metadata: Mapping[str, str] | None = None) -> Adapter:
     """Snapshot the PEFT LoRA `adapter_name` of pipe.unet / pipe.text_encoder (copied to CPU). alpha is
-    PEFT's per-layer lora_alpha (LoraConfig patterns resolved). Adds the base fingerprint unless given."""
+    PEFT's per-layer lora_alpha (LoraConfig patterns resolved). Adds the base fingerprint and the
+    base's kohya version entries (base_metadata) unless given."""
     from peft.tuners.lora import LoraLayer as PeftLoraLayer
     from peft.utils import get_peft_model_state_dict
 
@@ -614,6 +748,7 @@ def adapter_from_pipeline(pipe, adapter_name: str = "default", *,
     meta = dict(metadata or {})
     if PREFIX + "base_fingerprint" not in meta:  # not setdefault: the fingerprint reads every layer
         meta[PREFIX + "base_fingerprint"] = fingerprint(pipe)
+    meta = {**base_metadata(pipe), **meta}  # SD version, prediction type: kohya tools read them
     return Adapter(layers=layers, metadata=meta)
 
 
@@ -621,7 +756,7 @@ def resolve_module(pipe, key: str) -> torch.nn.Module | None:
     """The base module an adapter key adapts (PEFT wrapper unwrapped), or None if the base lacks it."""
     comp, module = _split(key)
     model = getattr(pipe, comp, None)
-    for candidate in (module, "text_model." + module) if comp == "text_encoder" else (module,):
+    for candidate in (module, "text_model." + module) if comp in TEXT_COMPONENTS else (module,):
         with contextlib.suppress(AttributeError):
             mod = model.get_submodule(candidate)  # AttributeError also when the pipe lacks `comp`
             return getattr(mod, "base_layer", mod)

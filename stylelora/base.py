@@ -1,6 +1,6 @@
-"""Load a base text-to-image pipeline: the embedded shapes-world model, a diffusers folder, or a
-single-file (.safetensors) SD 1.x/2.x checkpoint. Everything downstream sees one
-StableDiffusionPipeline, whatever it came from.
+"""Load a base text-to-image pipeline: the embedded shapes-world models, a diffusers folder, or a
+single-file (.safetensors) SD 1.x/2.x or SDXL checkpoint. Everything downstream sees one
+StableDiffusionPipeline or StableDiffusionXLPipeline, whatever it came from.
 """
 
 from __future__ import annotations
@@ -16,6 +16,14 @@ from .fileio import PICKLE_SUFFIXES, atomic_path
 
 EMBEDDED_DIR = Path(__file__).parent / "world" / "assets" / "base"
 EMBEDDED_NAMES = ("embedded", "default", "shapes")
+EMBEDDED_XL_DIR = EMBEDDED_DIR.with_name("base-xl")
+EMBEDDED_XL_NAMES = ("embedded-xl", "shapes-xl")
+# model_index.json's _class_name -> the pipeline class that loads it (img2img/inpaint folders hold the
+# same components; they are loaded as text-to-image).
+_PIPELINES = {"StableDiffusionPipeline": "StableDiffusionPipeline",
+              "StableDiffusionImg2ImgPipeline": "StableDiffusionPipeline",
+              "StableDiffusionXLPipeline": "StableDiffusionXLPipeline",
+              "StableDiffusionXLImg2ImgPipeline": "StableDiffusionXLPipeline"}
 
 
 def pick_device(device: str | None = None) -> torch.device:
@@ -56,7 +64,35 @@ def base_name(spec: str | os.PathLike | None) -> str:
     """Human-readable name recorded in adapter metadata."""
     if spec is None or str(spec) in EMBEDDED_NAMES:
         return "stylelora-shapes-64"
+    if str(spec) in EMBEDDED_XL_NAMES:
+        return "stylelora-shapes-xl-64"
     return Path(spec).name
+
+
+def is_xl(pipe) -> bool:
+    """SDXL layout: a second text encoder whose pooled output conditions the UNet."""
+    return getattr(pipe, "text_encoder_2", None) is not None
+
+
+def text_encoders(pipe) -> dict[str, object]:
+    """The pipeline's text encoders by component name: text_encoder, and text_encoder_2 on SDXL."""
+    names = ("text_encoder", "text_encoder_2")
+    return {n: m for n in names if (m := getattr(pipe, n, None)) is not None}
+
+
+def pipeline_class(folder: str | os.PathLike):
+    """The diffusers pipeline class for a folder's model_index.json, or one clear error."""
+    import diffusers
+
+    index = Path(folder) / "model_index.json"
+    try:
+        name = json.loads(index.read_text(encoding="utf-8")).get("_class_name")
+    except (OSError, ValueError, AttributeError) as e:
+        raise ValueError(f"{index} is not a readable diffusers model index ({e}); re-save the pipeline") from None
+    if name not in _PIPELINES:
+        raise ValueError(f"{folder} holds a {name} pipeline; stylelora loads Stable Diffusion 1.x/2.x "
+                         "(StableDiffusionPipeline) and SDXL (StableDiffusionXLPipeline) bases")
+    return getattr(diffusers, _PIPELINES[name])
 
 
 def native_size(pipe) -> int:
@@ -69,11 +105,11 @@ def load_base(spec: str | os.PathLike | None = None, *, config: str | os.PathLik
               device: str | None = "cpu", dtype: str | torch.dtype | None = None):
     """The base pipeline named by `spec`, offline.
 
-    spec: None / "embedded" -> the packaged shapes-world base; a folder with model_index.json
-    (diffusers layout); or a single .safetensors checkpoint, whose component configs come from
-    `config` (a local diffusers folder of the same architecture) -- nothing is downloaded.
+    spec: None / "embedded" -> the packaged shapes-world base, "embedded-xl" its SDXL-architecture
+    twin; a folder with model_index.json (diffusers layout, SD 1.x/2.x or SDXL); or a single
+    .safetensors checkpoint, whose component configs come from `config` (a local diffusers folder
+    of the same architecture, which also decides SD or SDXL) -- nothing is downloaded.
     """
-    from diffusers import StableDiffusionPipeline
     from diffusers.utils import logging as dlogging
     from transformers.utils import logging as tlogging
 
@@ -82,11 +118,12 @@ def load_base(spec: str | os.PathLike | None = None, *, config: str | os.PathLik
     tlogging.disable_progress_bar()
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)
-    if spec is None or str(spec) in EMBEDDED_NAMES:
-        path = EMBEDDED_DIR
+    if spec is None or str(spec) in EMBEDDED_NAMES + EMBEDDED_XL_NAMES:
+        xl = spec is not None and str(spec) in EMBEDDED_XL_NAMES
+        path = EMBEDDED_XL_DIR if xl else EMBEDDED_DIR
         if not (path / "model_index.json").is_file():
             raise FileNotFoundError(f"the embedded base is missing from {path}; rebuild it with "
-                                    "`stylelora world pretrain --out stylelora/world/assets`")
+                                    f"`stylelora world pretrain --stages {'unet-xl' if xl else 'judge,vae,unet'}`")
     else:
         path = Path(spec).expanduser()
     if not path.exists():
@@ -104,30 +141,33 @@ def load_base(spec: str | os.PathLike | None = None, *, config: str | os.PathLik
         if not (Path(config) / "model_index.json").is_file():
             raise ValueError(f"config folder {config} is not a diffusers pipeline folder (no model_index.json): "
                              "pass the folder of a pipeline with the same architecture")
-        pipe = StableDiffusionPipeline.from_single_file(
-            str(path), config=str(config), local_files_only=True, dtype=dt,
-            safety_checker=None, requires_safety_checker=False)
+        cls = pipeline_class(config)
+        pipe = cls.from_single_file(str(path), config=str(config), local_files_only=True, dtype=dt, **_no_checker(cls))
     else:
         raise ValueError(f"don't know how to load base {path}: expected a diffusers folder or a .safetensors file")
     pipe.set_progress_bar_config(disable=True)
+    if is_xl(pipe) and dt == torch.float16 and pipe.vae.config.get("force_upcast", True):
+        pipe.vae.to(torch.float32)  # SDXL's VAE overflows in float16 (NaN images, NaN latents)
     return pipe.to(dev)
+
+
+def _no_checker(cls) -> dict:
+    """SD 1.x pipelines take a safety checker (none here: offline, and not ours to impose); SDXL has none."""
+    return {} if cls.__name__.endswith("XLPipeline") else {"safety_checker": None, "requires_safety_checker": False}
 
 
 def _load_folder(path: Path, dt: torch.dtype):
     """A diffusers pipeline folder, safetensors weights only, in dtype `dt`."""
-    from diffusers import StableDiffusionPipeline
-
     if not (path / "model_index.json").is_file():
         raise ValueError(f"{path} is not a diffusers pipeline folder (no model_index.json)")
+    cls = pipeline_class(path)
     try:
         # use_safetensors=True: a folder holding only .bin weights would be unpickled otherwise.
         # A half-precision load goes through float32 first: diffusers' own cast reads every
         # float32 page of the memory-mapped files into RAM (SD1.5: +4 GB peak); float32 tensors
         # stay mapped but unread, and _cast_from_files reads them one at a time instead.
         load_dt = torch.float32 if dt in (torch.float16, torch.bfloat16) else dt
-        pipe = StableDiffusionPipeline.from_pretrained(path, local_files_only=True, dtype=load_dt,
-                                                       use_safetensors=True, safety_checker=None,
-                                                       requires_safety_checker=False)
+        pipe = cls.from_pretrained(path, local_files_only=True, dtype=load_dt, use_safetensors=True, **_no_checker(cls))
         if load_dt != dt:
             _cast_from_files(pipe, path, dt)
     except OSError as e:
@@ -165,7 +205,7 @@ def _cast_from_files(pipe, path: Path, dtype: torch.dtype) -> None:
     its file with plain reads: the page cache holds the bytes, not this process, so peak memory is
     the half-precision model plus one float32 tensor. Tensors not found by name (a library renamed
     them on load) fall back to an ordinary cast. Equal bit for bit to diffusers' dtype= load (tested)."""
-    for comp in ("unet", "text_encoder", "vae"):
+    for comp in ("unet", "text_encoder", "text_encoder_2", "vae"):
         model = getattr(pipe, comp, None)
         if model is None:
             continue
@@ -210,6 +250,8 @@ def _unet_key(k: str, layers: int) -> str:
     per = layers + 1  # LDM counts a level's resnets plus its down/upsampler
     if p[0] == "time_embedding":
         return "time_embed." + {"linear_1": "0", "linear_2": "2"}[p[1]] + "." + ".".join(p[2:])
+    if p[0] == "add_embedding":  # SDXL's text_time embedding (kohya: label_emb)
+        return "label_emb.0." + {"linear_1": "0", "linear_2": "2"}[p[1]] + "." + ".".join(p[2:])
     if p[0] == "conv_in":
         return "input_blocks.0.0." + ".".join(p[1:])
     if p[0] == "conv_norm_out":
@@ -233,6 +275,18 @@ def _unet_key(k: str, layers: int) -> str:
     if p[0] == "up_blocks":
         raise AssertionError("up blocks are mapped in _unet_to_ldm")
     raise ValueError(f"unexpected UNet key {k}")
+
+
+def ldm_unet_module(module: str, layers: int) -> str:
+    """A diffusers UNet module path as the original (LDM/SAI) checkpoint names it, e.g. SDXL's
+    down_blocks.1.attentions.0.proj_in -> input_blocks.4.1.proj_in: the names kohya's SDXL LoRA keys
+    are built from. `layers` is the UNet's layers_per_block (SDXL: 2)."""
+    p = module.split(".")
+    if p[0] != "up_blocks" or p[2] not in ("attentions", "resnets"):
+        return _unet_key(module, layers)
+    i, j, rest = int(p[1]), int(p[3]), ".".join(p[4:])
+    rest = _sub(rest, _RESNET) if p[2] == "resnets" else rest
+    return f"output_blocks.{(layers + 1) * i + j}.{0 if p[2] == 'resnets' else 1}.{rest}"
 
 
 def _unet_to_ldm(unet) -> dict[str, torch.Tensor]:
@@ -288,14 +342,52 @@ def _vae_to_ldm(vae) -> dict[str, torch.Tensor]:
     return out
 
 
+def _clip_to_ldm(text_encoder, prefix: str) -> dict[str, torch.Tensor]:
+    """A transformers CLIP text model under `prefix` with its `text_model.` level (SD 1.x's
+    cond_stage_model.transformer., SDXL's conditioner.embedders.0.transformer.)."""
+    out = {}
+    for k, v in text_encoder.state_dict().items():
+        k = k if k.startswith(("text_model.", "text_projection")) else "text_model." + k
+        out[prefix + k] = v
+    return out
+
+
+_OPEN_CLIP = {"layer_norm1": "ln_1", "layer_norm2": "ln_2", "self_attn.out_proj": "attn.out_proj",
+              "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj"}
+
+
+def _open_clip_to_ldm(text_encoder, prefix: str) -> dict[str, torch.Tensor]:
+    """SDXL's second text encoder in the OpenCLIP layout its original checkpoint uses: fused q/k/v
+    (attn.in_proj_*), resblocks, ln_final, and text_projection as a (width, proj) matrix."""
+    sd = {k.removeprefix("text_model."): v for k, v in text_encoder.state_dict().items()}
+    out = {"positional_embedding": sd.pop("embeddings.position_embedding.weight"),
+           "token_embedding.weight": sd.pop("embeddings.token_embedding.weight"),
+           "text_projection": sd.pop("text_projection.weight").T}
+    sd.pop("embeddings.position_ids", None)
+    for k in [k for k in sd if ".self_attn.q_proj." in k]:
+        i, kind = k.split(".")[2], k.rsplit(".", 1)[1]  # encoder.layers.{i}.self_attn.q_proj.{weight|bias}
+        qkv = [sd.pop(k.replace("q_proj", x)) for x in ("q_proj", "k_proj", "v_proj")]
+        out[f"transformer.resblocks.{i}.attn.in_proj_{kind}"] = torch.cat(qkv)
+    for k, v in sd.items():
+        if k.startswith("final_layer_norm."):
+            out["ln_final." + k.split(".", 1)[1]] = v
+        else:  # encoder.layers.{i}.<module>.<param>
+            i, rest = k.split(".")[2], ".".join(k.split(".")[3:])
+            out[f"transformer.resblocks.{i}." + _sub(rest, _OPEN_CLIP)] = v
+    return {prefix + k: v for k, v in out.items()}
+
+
 def save_single_file(pipe, path: str | os.PathLike) -> Path:
-    """Write the pipeline as one original-layout .safetensors checkpoint (atomic)."""
+    """Write the pipeline as one original-layout .safetensors checkpoint (atomic): SD 1.x/2.x's
+    cond_stage_model, or SDXL's two conditioner.embedders."""
     from safetensors.torch import save_file
 
     sd = {**_unet_to_ldm(pipe.unet), **_vae_to_ldm(pipe.vae)}
-    for k, v in pipe.text_encoder.state_dict().items():
-        k = k if k.startswith("text_model.") or k.startswith("text_projection") else "text_model." + k
-        sd["cond_stage_model.transformer." + k] = v
+    if is_xl(pipe):
+        sd |= _clip_to_ldm(pipe.text_encoder, "conditioner.embedders.0.transformer.")
+        sd |= _open_clip_to_ldm(pipe.text_encoder_2, "conditioner.embedders.1.model.")
+    else:
+        sd |= _clip_to_ldm(pipe.text_encoder, "cond_stage_model.transformer.")
     with atomic_path(path) as tmp:
         save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp))
     return Path(path)

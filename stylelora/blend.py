@@ -32,7 +32,8 @@ from typing import Any, Mapping, NamedTuple
 
 import torch
 
-from .adapters import Adapter, LoraFactors, check_fits, load_adapter, resolve_module, stylelora_metadata
+from .adapters import (Adapter, LoraFactors, check_fits, common_base_metadata, load_adapter, resolve_module,
+                       stylelora_metadata)
 from .config import MODES
 from .strength import read_map, to_raw
 
@@ -83,7 +84,7 @@ class Scale:
 
     def of(self, key: str) -> float:
         """The scale of one layer (its component's scale times its block's multiplier)."""
-        if key.startswith("text_encoder."):
+        if not key.startswith("unet."):  # text_encoder., and SDXL's text_encoder_2.
             return self.text_encoder
         return self.unet * self.blocks.get(block_of(key), 1.0)
 
@@ -371,8 +372,8 @@ class AdapterStack:
         cfg = c.guidance > 1 and unet.config.time_cond_proj_dim is None  # as the pipeline decides
         embeds = {}
         for n in c.active:
-            self._apply(plans[n], prefix="text_encoder.")
-            embeds[n] = pipe.encode_prompt(c.prompt, pipe._execution_device, 1, cfg, c.negative)  # (pos, neg)
+            self._apply(plans[n], prefix=("text_encoder.", "text_encoder_2."))
+            embeds[n] = _prompt_embeds(pipe, c.prompt, c.negative, cfg)
         forward, calls = unet.forward, itertools.count()
 
         def hooked(sample, timestep, encoder_hidden_states=None, *args, **kw):
@@ -384,8 +385,13 @@ class AdapterStack:
             out = None
             for n in chosen:
                 self._apply(plans[n], prefix="unet.")
-                pos, neg = embeds[n]
-                eps = forward(sample, timestep, torch.cat([neg, pos]) if cfg else pos, *args, **kw)[0]
+                e = embeds[n]
+                if "pooled_prompt_embeds" in e:  # SDXL: this adapter's pooled text, the pipeline's time ids
+                    pooled = [e["negative_pooled_prompt_embeds"]] if cfg else []
+                    kw["added_cond_kwargs"] = {**kw["added_cond_kwargs"],
+                                               "text_embeds": torch.cat(pooled + [e["pooled_prompt_embeds"]])}
+                hidden = torch.cat([e["negative_prompt_embeds"], e["prompt_embeds"]]) if cfg else e["prompt_embeds"]
+                eps = forward(sample, timestep, hidden, *args, **kw)[0]
                 if c.mode == "composite" and len(chosen) > 1:  # a lone adapter: merge, bit for bit
                     eps = eps / len(chosen)
                 out = eps if out is None else out + eps
@@ -393,10 +399,23 @@ class AdapterStack:
 
         unet.forward = hooked  # an instance attribute shadows the method for this call only
         try:
-            pos, neg = embeds[c.active[0]]
-            return pipe(prompt_embeds=pos, negative_prompt_embeds=neg, **c.pipe_kwargs).images[0]
+            return pipe(**embeds[c.active[0]], **c.pipe_kwargs).images[0]
         finally:
             del unet.forward
+
+
+def _prompt_embeds(pipe, prompt: str, negative: str | None, cfg: bool) -> dict[str, torch.Tensor]:
+    """The pipeline's own encode_prompt, as keyword arguments its __call__ takes back (SDXL adds the
+    pooled embeddings). Without guidance the negative embeddings are None and are not passed."""
+    device = pipe._execution_device
+    if getattr(pipe, "text_encoder_2", None) is not None:
+        out = pipe.encode_prompt(prompt, device=device, num_images_per_prompt=1, do_classifier_free_guidance=cfg,
+                                 negative_prompt=negative)
+        names = ("prompt_embeds", "negative_prompt_embeds", "pooled_prompt_embeds", "negative_pooled_prompt_embeds")
+    else:
+        out = pipe.encode_prompt(prompt, device, 1, cfg, negative)
+        names = ("prompt_embeds", "negative_prompt_embeds")
+    return {k: v for k, v in zip(names, out) if v is not None}
 
 
 # --- merging many adapters into one -------------------------------------------------------
@@ -455,6 +474,7 @@ def merge_adapters(items: list[tuple[Adapter, Any]], rank: int | None = None) ->
     meta = stylelora_metadata(base_name=common("stylelora.base_name"),
                               base_fingerprint=common("stylelora.base_fingerprint"), trigger_words=triggers,
                               training={"merged_from": sources, "rank": rank or "sum", "relative_error": rel})
+    meta |= common_base_metadata(metas)  # ss_v2 & co. when every input agrees: A1111 lists SD2 files by it
     return Adapter(layers=layers, metadata=meta), rel
 
 

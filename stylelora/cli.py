@@ -24,7 +24,8 @@ class UserError(Exception):
 
 def _add_base(p: argparse.ArgumentParser) -> None:
     p.add_argument("--base", default=None,
-                   help="base model: 'embedded' (default), a diffusers folder, or a .safetensors checkpoint")
+                   help="base model: 'embedded' (default), 'embedded-xl' (its SDXL twin), a diffusers folder, "
+                        "or a .safetensors checkpoint")
     p.add_argument("--base-config", default=None,
                    help="local diffusers folder with the configs of a single-file --base")
     p.add_argument("--device", default="cpu", help="cpu, cuda, mps or auto (default: cpu)")
@@ -72,7 +73,7 @@ def cmd_world_pretrain(args) -> None:
     from .world.pretrain import PretrainConfig, pretrain
 
     stages = tuple(s.strip() for s in args.stages.split(","))
-    known = ("judge", "vae", "vae-refine", "unet")
+    known = ("judge", "vae", "vae-refine", "unet", "unet-xl")
     if unknown := [s for s in stages if s not in known]:
         raise UserError(f"unknown --stages {', '.join(unknown)}: choose from {', '.join(known)}")
     pretrain(args.out, PretrainConfig(seed=args.seed), stages=stages)
@@ -155,10 +156,10 @@ def _strength_line(points) -> str:
 
 
 def cmd_convert(args) -> None:
-    from .adapters import export_kohya, load_adapter, save_adapter
+    from .adapters import load_adapter, save_adapter
 
     adapter = load_adapter(args.input)
-    path = (export_kohya if args.to == "kohya" else save_adapter)(adapter, args.out)
+    path = save_adapter(adapter, args.out, layout=args.to)
     print(f"wrote {path}: {len(adapter.layers)} layers, {adapter.source_format} -> {args.to} keys")
 
 
@@ -330,7 +331,7 @@ def _add_world(sub) -> None:
     p.set_defaults(func=cmd_world_judge_check)
     p = wsub.add_parser("pretrain", help="rebuild the embedded base and judge from scratch")
     p.add_argument("--out", default=str(Path(__file__).parent / "world" / "assets"))
-    p.add_argument("--stages", default="judge,vae,unet")
+    p.add_argument("--stages", default="judge,vae,unet,unet-xl")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=cmd_world_pretrain)
 
@@ -373,7 +374,8 @@ def _add_adapter_tools(sub) -> None:
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_inspect)
 
-    p = sub.add_parser("convert", help="rewrite an adapter with kohya (A1111/ComfyUI) or diffusers keys")
+    p = sub.add_parser("convert", help="rewrite an adapter with kohya keys (the default layout, which "
+                       "diffusers, ComfyUI, A1111 and sd-scripts load) or diffusers/PEFT keys")
     p.add_argument("input")
     p.add_argument("--to", required=True, choices=["kohya", "diffusers"])
     p.add_argument("-o", "--out", required=True)

@@ -29,6 +29,7 @@ MAX_GUIDANCE = 100.0
 MAX_SEED = 2**63 - 1
 # The names of the embedded base (base.EMBEDDED_NAMES; repeated here, as base.py imports torch).
 EMBEDDED_BASE_NAMES = ("embedded", "default", "shapes")
+EMBEDDED_XL_NAMES = ("embedded-xl", "shapes-xl")  # its SDXL-architecture twin (base.EMBEDDED_XL_NAMES)
 
 
 def check_generation(*, steps=None, guidance=None, seed=None, prefix: str = "") -> None:
@@ -71,7 +72,7 @@ class TrainConfig:
 
     dataset: str = _opt("", "folder of images with same-stem captions (or a metadata.jsonl)")
     out: str = _opt("adapter.safetensors", "the adapter file to write; the run folder sits beside it")
-    base: str | None = _opt(None, "base model: unset = the embedded base; a diffusers folder or a .safetensors file")
+    base: str | None = _opt(None, "base model: unset = the embedded base; embedded-xl (its SDXL twin), a diffusers folder or a .safetensors file")
     base_config: str | None = _opt(None, "a diffusers folder with the configs of a single-file --base")
     # data
     caption_ext: str = _opt(".txt", "extension of the caption file next to each image")
@@ -208,7 +209,8 @@ class TrainConfig:
         skip = {"out", "run_dir", "resume", "progress", "device", "sample_prompts", "base_config", "mask_dir"}
         out = {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
         out["dataset"] = _name_only(self.dataset)
-        out["base"] = "embedded" if self.base is None or self.base in EMBEDDED_BASE_NAMES else _name_only(self.base)
+        out["base"] = ("embedded" if self.base is None or self.base in EMBEDDED_BASE_NAMES else
+                       "embedded-xl" if self.base in EMBEDDED_XL_NAMES else _name_only(self.base))
         return out
 
 

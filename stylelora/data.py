@@ -485,22 +485,11 @@ def _to_8bit(a: np.ndarray, mode: str) -> np.ndarray:
     return np.floor(a / 2 ** (bits - 8)).clip(max=255).astype(np.uint8)
 
 
-@dataclass(frozen=True)
-class BucketCrop:
-    """Where an image lands in its bucket: resized to `resized` (w, h), cropped to `box`
-    (left, top, right, bottom), maybe mirrored. One plan serves an image and its mask, so the two
-    stay aligned pixel for pixel."""
-
-    resized: tuple[int, int]
-    box: tuple[int, int, int, int]
-    flipped: bool
-    shrinks: bool  # downscaling (else enlarging or unchanged): picks the resampling filter
-
-
-def bucket_crop(size: tuple[int, int], bucket: tuple[int, int], rng: random.Random | None = None,
-                random_crop: bool = False, flip: bool = False) -> BucketCrop:
-    """Plan the resize (keeping aspect) that covers `bucket`, the crop to it (centre or random) and
-    the flip, for an image of `size` (w, h). Draws from rng: crop offsets, then the flip."""
+def crop_geometry(size: tuple[int, int], bucket: tuple[int, int], rng: random.Random | None = None,
+                  random_crop: bool = False, flip: bool = False) -> tuple[tuple[int, int], tuple[int, int], bool]:
+    """How fit_to_bucket maps an image of `size` (w, h) into `bucket` (w, h): the resized size that
+    covers the bucket, the crop's (left, top) in it, and whether it is mirrored. Draws from `rng`
+    in a fixed order (crop, then flip), so geometry and pixels agree for one seed."""
     bw, bh = bucket
     w, h = size
     scale = max(bw / w, bh / h)
@@ -511,28 +500,40 @@ def bucket_crop(size: tuple[int, int], bucket: tuple[int, int], rng: random.Rand
         left, top = rng.randint(0, nw - bw), rng.randint(0, nh - bh)
     else:
         left, top = (nw - bw) // 2, (nh - bh) // 2
-    flipped = bool(flip and rng.random() < 0.5)
-    return BucketCrop((nw, nh), (left, top, left + bw, top + bh), flipped, scale < 1)
-
-
-def apply_crop(img: Image.Image, crop: BucketCrop, mask: bool = False) -> Image.Image:
-    """`img` resized, cropped and mirrored as `crop` says. Images: Lanczos for downscaling (sharp, no
-    aliasing), bicubic for enlarging (rings less). Masks: area average for downscaling and bilinear
-    for enlarging, which never ring, so a black region stays exactly 0 away from its edge."""
-    if crop.resized != img.size:
-        if mask:
-            resample = Image.Resampling.BOX if crop.shrinks else Image.Resampling.BILINEAR
-        else:
-            resample = Image.Resampling.LANCZOS if crop.shrinks else Image.Resampling.BICUBIC
-        img = img.resize(crop.resized, resample)
-    img = img.crop(crop.box)
-    return img.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if crop.flipped else img
+    return (nw, nh), (left, top), bool(flip and rng.random() < 0.5)
 
 
 def fit_to_bucket(img: Image.Image, size: tuple[int, int], rng: random.Random | None = None,
                   random_crop: bool = False, flip: bool = False) -> Image.Image:
     """Resize (keeping aspect) to cover `size`, crop to it (centre or random), maybe mirror."""
-    return apply_crop(img, bucket_crop(img.size, size, rng, random_crop, flip))
+    return apply_crop(img, size, crop_geometry(img.size, size, rng, random_crop, flip))
+
+
+def apply_crop(img: Image.Image, size: tuple[int, int], geometry, mask: bool = False) -> Image.Image:
+    """`img` resized, cropped to `size` (w, h) and mirrored as `geometry` (crop_geometry's) says: one
+    geometry serves an image and its mask, so the two stay aligned pixel for pixel. Images: Lanczos
+    for downscaling (sharp, no aliasing), bicubic for enlarging (rings less). Masks: area average for
+    downscaling, bilinear for enlarging: neither rings, so black stays exactly 0 away from an edge."""
+    (nw, nh), (left, top), flipped = geometry
+    if (nw, nh) != img.size:
+        down = max(size[0] / img.size[0], size[1] / img.size[1]) < 1
+        if mask:
+            resample = Image.Resampling.BOX if down else Image.Resampling.BILINEAR
+        else:
+            resample = Image.Resampling.LANCZOS if down else Image.Resampling.BICUBIC
+        img = img.resize((nw, nh), resample)
+    img = img.crop((left, top, left + size[0], top + size[1]))
+    return img.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flipped else img
+
+
+def micro_conditioning(size: tuple[int, int], bucket: tuple[int, int], rng: random.Random | None = None,
+                       random_crop: bool = False, flip: bool = False) -> list[int]:
+    """SDXL's add_time_ids for one training image: original (h, w), the crop's (top, left) in the
+    resized image, and the target (h, w). A mirrored crop reports the mirrored crop's left edge."""
+    (nw, _), (left, top), flipped = crop_geometry(size, bucket, rng, random_crop, flip)
+    if flipped:
+        left = nw - left - bucket[0]
+    return [size[1], size[0], top, left, bucket[1], bucket[0]]
 
 
 # ----------------------------------------------------------------------------- masks
@@ -747,14 +748,16 @@ class CaptionFolder(Dataset):
         # Separate streams, so turning flips on does not change which captions get shuffled how.
         cap_rng = random.Random(f"{self.seed}/{self.epoch}/{i}/caption")
         out = {"caption": self.captions(self.items[k].caption, cap_rng), "index": i, "item": k, "bucket": bucket}
+        pix_seed = f"{self.seed}/{self.epoch}/{i}/pixels"
+        out["time_ids"] = micro_conditioning(self.items[k].size, bucket, random.Random(pix_seed), self.random_crop,
+                                             self.flip)
         if pixels:
-            pix_rng = random.Random(f"{self.seed}/{self.epoch}/{i}/pixels")
             img = load_image(self.items[k].path)
-            crop = bucket_crop(img.size, bucket, pix_rng, self.random_crop, self.flip)
-            img = apply_crop(img, crop)
+            geometry = crop_geometry(img.size, bucket, random.Random(pix_seed), self.random_crop, self.flip)
+            img = apply_crop(img, bucket, geometry)
             out["pixel_values"] = torch.from_numpy(np.asarray(img, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1.0
             if self.mask_dir is not None:  # the same crop as the image: the mask stays on its pixels
-                mask = apply_crop(self.load_mask(k), crop, mask=True)
+                mask = apply_crop(self.load_mask(k), bucket, geometry, mask=True)
                 out["mask"] = torch.from_numpy(np.asarray(mask, dtype=np.float32))[None] / 255.0  # (1, H, W)
         return out
 

@@ -19,6 +19,8 @@ import bisect
 import json
 from typing import Mapping
 
+from .config import EMBEDDED_BASE_NAMES, EMBEDDED_XL_NAMES
+
 RAW_SCALES = (0.0, 0.25, 0.5, 0.625, 0.75, 0.875, 1.0)  # where the curve is measured: it bends late
 MAP_KEY = "stylelora.strength_map"  # JSON [[strength, raw scale], ...], increasing, from [0, 0] to [1, 1]
 
@@ -80,11 +82,11 @@ def calibrate(adapter, base: str | None, captions: list[str], triggers: list[str
     from .evaluate import family_of, stack_images, style_intensity
 
     styles = [t for t in triggers if family_of(t)]
-    if base not in (None, "embedded") or len(styles) != 1:
+    if base not in (None, *EMBEDDED_BASE_NAMES, *EMBEDDED_XL_NAMES) or len(styles) != 1:
         print("strength calibration skipped: it needs the embedded base and one shapes-world style among the "
               f"trigger words ({', '.join(triggers) or 'none'}); strength = raw scale for this adapter")
         return {}
-    pipe = load_base()
+    pipe = load_base(base)
     pipe.set_progress_bar_config(disable=True)
     stack = AdapterStack(pipe)
     stack.add("adapter", adapter)

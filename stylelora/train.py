@@ -26,7 +26,7 @@ import shutil
 import time
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -204,15 +204,37 @@ def _clean_run_folder(run: Path, ckpt: Path | None, start: int) -> None:
 
 
 @contextmanager
-def _lora_off(model, off: bool = True):
-    """The model's LoRA layers off inside the block (the frozen base), when `off`."""
-    if off:
+def _lora_off(models, off: bool = True):
+    """The models' LoRA layers off inside the block (the frozen base), when `off`."""
+    models = models if isinstance(models, (list, tuple)) else [models]
+    for model in models if off else ():
         model.disable_adapters()
     try:
         yield
     finally:
-        if off:
+        for model in models if off else ():
             model.enable_adapters()
+
+
+class _Text(NamedTuple):
+    """A batch's text conditioning: the UNet's cross-attention input and, on SDXL, text_encoder_2's
+    pooled embedding (None on SD 1.x/2.x)."""
+
+    hidden: torch.Tensor  # (B, tokens, dim); SDXL: both encoders' penultimate layers, concatenated
+    pooled: torch.Tensor | None = None  # (B, dim2)
+
+    def rows(self) -> list[_Text]:
+        return [_Text(h, None if self.pooled is None else p)
+                for h, p in zip(self.hidden, self.pooled if self.pooled is not None else self.hidden)]
+
+    @staticmethod
+    def stack(rows: list[_Text]) -> _Text:
+        pooled = None if rows[0].pooled is None else torch.stack([r.pooled for r in rows])
+        return _Text(torch.stack([r.hidden for r in rows]), pooled)
+
+    def cat(self, other: _Text) -> _Text:
+        pooled = None if self.pooled is None else torch.cat([self.pooled, other.pooled])
+        return _Text(torch.cat([self.hidden, other.hidden]), pooled)
 
 
 class _Run:
@@ -250,8 +272,11 @@ class _Run:
         self.base_fingerprint = fingerprint(self.pipe)
         self.unet, self.te, self.vae, self.tok = (self.pipe.unet, self.pipe.text_encoder, self.pipe.vae,
                                                   self.pipe.tokenizer)
-        for m in (self.unet, self.te, self.vae):
-            m.requires_grad_(False)
+        # SDXL's second text encoder (OpenCLIP bigG's role) and its tokenizer; None on SD 1.x/2.x.
+        self.te2, self.tok2 = getattr(self.pipe, "text_encoder_2", None), getattr(self.pipe, "tokenizer_2", None)
+        for m in (self.unet, self.te, self.te2, self.vae):
+            if m is not None:
+                m.requires_grad_(False)
         self.data = self._dataset()
         self.optimizer = self._add_lora()
         # What a resume must match beyond the settings: checkpoints record it.
@@ -279,24 +304,28 @@ class _Run:
         """LoRA on the chosen targets (float32), the trainable parameters by name, the optimizer."""
         from .lora import inject, text_encoder_targets, unet_targets
 
-        cfg, unet, te = self.cfg, self.unet, self.te
+        cfg, unet = self.cfg, self.unet
+        encoders = {"text_encoder": self.te, "text_encoder_2": self.te2} if self.te2 is not None else {"text_encoder": self.te}
         # Seeded so every process starts from the same A matrices.
         torch.manual_seed(cfg.seed)
         u_targets = unet_targets(unet, cfg.targets)
         params = {"unet": inject(unet, u_targets, cfg.rank, cfg.effective_alpha, cfg.lora_dropout)}
-        self.t_targets = text_encoder_targets(te) if cfg.train_text_encoder else []
-        if self.t_targets:
-            params["text_encoder"] = inject(te, self.t_targets, cfg.rank, cfg.effective_alpha, cfg.lora_dropout)
+        self.t_targets = []  # every text encoder's targets (SDXL: both encoders' q/k/v/out)
+        for comp, te in encoders.items() if cfg.train_text_encoder else ():
+            targets = text_encoder_targets(te)
+            params[comp] = inject(te, targets, cfg.rank, cfg.effective_alpha, cfg.lora_dropout)
+            self.t_targets += [f"{comp}.{t}" for t in targets]
         for p in (p for group in params.values() for p in group):
             p.data = p.data.float()
-        self.named = {f"unet.{n}": p for n, p in unet.named_parameters() if p.requires_grad}
-        self.named.update({f"text_encoder.{n}": p for n, p in te.named_parameters() if p.requires_grad})
+        self.named = {f"{comp}.{n}": p for comp, model in {"unet": unet, **encoders}.items()
+                      for n, p in model.named_parameters() if p.requires_grad}
         if cfg.gradient_checkpointing:
             unet.enable_gradient_checkpointing()
         te_lr = cfg.te_lr if cfg.te_lr is not None else cfg.lr / 2
         groups = [{"params": params["unet"], "lr": cfg.lr, "base_lr": cfg.lr}]
-        if "text_encoder" in params:
-            groups.append({"params": params["text_encoder"], "lr": te_lr, "base_lr": te_lr})
+        te_params = [p for comp in encoders for p in params.get(comp, [])]
+        if te_params:
+            groups.append({"params": te_params, "lr": te_lr, "base_lr": te_lr})
         return _make_optimizer(cfg, groups)
 
     def resume(self) -> int:
@@ -324,6 +353,8 @@ class _Run:
         self.text_cache: dict[str, torch.Tensor] = {}
         # Models in train mode only for LoRA dropout; base layers have no dropout/batchnorm to disturb.
         self.unet, self.te, self.optimizer = accel.prepare(self.unet, self.te, self.optimizer)
+        if self.te2 is not None:
+            self.te2 = accel.prepare(self.te2)
         self._train_mode()
         self.noise_sched = DDPMScheduler.from_config(self.pipe.scheduler.config)
         self.v_pred = self.noise_sched.config.prediction_type == "v_prediction"
@@ -335,6 +366,7 @@ class _Run:
             raise ValueError(f"preserve_weight needs trigger words to remove, and the captions in {cfg.dataset} "
                              "share none: pass --trigger WORD")
         self.raw_unet, self.raw_te = accel.unwrap_model(self.unet), accel.unwrap_model(self.te)
+        self.raw_tes = [self.raw_te] + ([accel.unwrap_model(self.te2)] if self.te2 is not None else [])
         # The frozen base text encoder's embeddings never change: one cache serves the run (the same
         # dict as text_cache when the text encoder is not trained, so no caption is encoded twice).
         self.base_text_cache = self.text_cache if not self.t_targets else {}
@@ -346,7 +378,9 @@ class _Run:
 
     def _train_mode(self) -> None:
         self.unet.train()
-        self.te.train(bool(self.t_targets))
+        for te in (self.te, self.te2):
+            if te is not None:
+                te.train(bool(self.t_targets))
 
     # --- batches and caches
 
@@ -360,8 +394,9 @@ class _Run:
         batches = self.epochs[epoch]
         return batches[(k * self.accel.num_processes + self.accel.process_index) % len(batches)]
 
-    def _batch(self, micro: int) -> tuple[torch.Tensor, list[str], torch.Tensor | None]:
-        """Latents, captions and (masked loss) latent-sized masks (B, 1, h, w) of micro-batch `micro`."""
+    def _batch(self, micro: int) -> tuple[torch.Tensor, list[str], torch.Tensor, torch.Tensor | None]:
+        """Latents, captions, SDXL micro-conditioning (add_time_ids, (B, 6)) and (masked loss)
+        latent-sized masks (B, 1, h, w) of micro-batch `micro`."""
         data, batch, masked = self.data, self._batch_indices(micro), self.cfg.masked_loss
         if self.cache_latents:  # keyed by image: repeats share one latent, and cached images are not decoded
             items = [data.sample(i, pixels=data.item_of(i) not in self.latent_cache) for i in batch]
@@ -377,7 +412,9 @@ class _Run:
             items = [data.sample(i) for i in batch]
             latents = self._encode_images(torch.stack([it["pixel_values"] for it in items]))
             masks = [_latent_mask(it["mask"], latents.shape[-2:]) for it in items] if masked else None
-        return latents, [it["caption"] for it in items], None if masks is None else torch.stack(masks).to(self.dev)
+        time_ids = torch.tensor([it["time_ids"] for it in items], dtype=torch.float32, device=self.dev)
+        masks = None if masks is None else torch.stack(masks).to(self.dev)
+        return latents, [it["caption"] for it in items], time_ids, masks
 
     @torch.no_grad()
     def _encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -385,22 +422,35 @@ class _Run:
         vae = self.vae
         return vae.encode(pixels.to(self.dev, vae.dtype)).latent_dist.mode() * vae.config.scaling_factor
 
-    def _encode_text(self, captions: list[str], grad: bool) -> torch.Tensor:
-        tok = self.tok
-        ids = tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                  return_tensors="pt").input_ids.to(self.dev)
+    def _ids(self, tok, captions: list[str]) -> torch.Tensor:
+        return tok(captions, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                   return_tensors="pt").input_ids.to(self.dev)
+
+    def _encode_text(self, captions: list[str], grad: bool) -> _Text:
+        """What the pipeline feeds its UNet: SD 1.x/2.x the last layer of its one encoder; SDXL both
+        encoders' penultimate layers concatenated, plus text_encoder_2's pooled projection."""
         with torch.set_grad_enabled(grad), self.accel.autocast():
-            return self.te(ids)[0]
+            if self.te2 is None:
+                return _Text(self.te(self._ids(self.tok, captions))[0])
+            out2 = self.te2(self._ids(self.tok2, captions), output_hidden_states=True)
+            hidden = self.te(self._ids(self.tok, captions), output_hidden_states=True).hidden_states[-2]
+            return _Text(torch.cat([hidden, out2.hidden_states[-2]], -1), out2.text_embeds)
 
     @torch.no_grad()
-    def _cached_text(self, captions: list[str], cache: dict[str, torch.Tensor], base: bool = False) -> torch.Tensor:
+    def _cached_text(self, captions: list[str], cache: dict[str, _Text], base: bool = False) -> _Text:
         new = [c for c in dict.fromkeys(captions) if c not in cache]
         if new:
-            with _lora_off(self.raw_te, base and bool(self.t_targets)):
-                cache.update(zip(new, self._encode_text(new, grad=False)))
-        return torch.stack([cache[c] for c in captions])
+            with _lora_off(self.raw_tes, base and bool(self.t_targets)):
+                cache.update(zip(new, self._encode_text(new, grad=False).rows()))
+        return _Text.stack([cache[c] for c in captions])
 
-    def _text(self, captions: list[str]) -> torch.Tensor:
+    def _predict(self, unet, noisy: torch.Tensor, t: torch.Tensor, cond: _Text, time_ids: torch.Tensor) -> torch.Tensor:
+        """The UNet's prediction in float32; SDXL's UNet also takes the pooled text and add_time_ids."""
+        dtype = self.weight_dtype
+        added = None if cond.pooled is None else {"text_embeds": cond.pooled.to(dtype), "time_ids": time_ids.to(dtype)}
+        return unet(noisy.to(dtype), t, cond.hidden.to(dtype), added_cond_kwargs=added).sample.float()
+
+    def _text(self, captions: list[str]) -> _Text:
         if self.cache_text:
             return self._cached_text(captions, self.text_cache)
         return self._encode_text(captions, grad=bool(self.t_targets))
@@ -410,11 +460,11 @@ class _Run:
     def micro_step(self, micro: int) -> float:
         """Forward, loss and backward of one micro-batch (the optimizer steps when the accumulation
         is complete). Returns the loss."""
-        cfg, accel, dtype = self.cfg, self.accel, self.weight_dtype
+        cfg, accel = self.cfg, self.accel
         # One seed per (run, step, micro-batch, process): resume replays the same draws.
         torch.manual_seed(_seed_for(cfg.seed, micro, accel.process_index))
         gen = torch.Generator().manual_seed(_seed_for(cfg.seed, micro, accel.process_index, "noise"))
-        latents, captions, masks = self._batch(micro)
+        latents, captions, time_ids, masks = self._batch(micro)
         strength = self._strength(micro)
         self._set_lora_strength(strength)
         try:
@@ -424,14 +474,14 @@ class _Run:
             self._set_lora_strength(1.0)  # the UNet's LoRA is set again around its forward below
         noisy, t, target = self._noised(latents, gen)
         if strength < 1:
-            target = strength * target + (1 - strength) * self._base_prediction(captions, noisy, t)
+            target = strength * target + (1 - strength) * self._base_prediction(captions, noisy, t, time_ids)
         n = len(captions)
         if cfg.preserve_weight:
-            noisy, t, cond, target = self._with_preservation(captions, noisy, t, cond, target)
+            noisy, t, cond, target, time_ids = self._with_preservation(captions, noisy, t, cond, target, time_ids)
         with accel.accumulate(self.unet), accel.autocast():
             self._set_lora_strength(strength)
             try:
-                pred = self.unet(noisy.to(dtype), t, cond.to(dtype)).sample.float()
+                pred = self._predict(self.unet, noisy, t, cond, time_ids)
             finally:
                 self._set_lora_strength(1.0)
             loss = _per_sample_mse(pred, target.float(), masks)
@@ -461,18 +511,18 @@ class _Run:
 
         if not self.cfg.graded_strength:
             return
-        for model in (self.raw_unet, self.raw_te):
+        for model in (self.raw_unet, *self.raw_tes):
             for module in model.modules():
                 if isinstance(module, LoraLayer):
                     module.set_scale("default", strength)
 
     @torch.no_grad()
-    def _base_prediction(self, captions: list[str], noisy: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def _base_prediction(self, captions: list[str], noisy: torch.Tensor, t: torch.Tensor,
+                         time_ids: torch.Tensor) -> torch.Tensor:
         """The frozen base's prediction (every LoRA layer off) for these captions and noisy latents."""
         base_cond = self._cached_text(captions, self.base_text_cache if self.cache_base_text else {}, base=True)
         with _lora_off(self.raw_unet), self.accel.autocast():
-            dtype = self.weight_dtype
-            return self.raw_unet(noisy.to(dtype), t, base_cond.to(dtype)).sample.float()
+            return self._predict(self.raw_unet, noisy, t, base_cond, time_ids)
 
     def _noised(self, latents: torch.Tensor, gen: torch.Generator):
         """Noisy latents, timesteps and the prediction target (noise, or velocity for v-prediction)."""
@@ -483,17 +533,16 @@ class _Run:
         noisy = self.noise_sched.add_noise(latents, noise, t)
         return noisy, t, self.noise_sched.get_velocity(latents, noise, t) if self.v_pred else noise
 
-    def _with_preservation(self, captions, noisy, t, cond, target):
+    def _with_preservation(self, captions, noisy, t, cond: _Text, target, time_ids):
         """One forward over [styled captions; neutral captions] on the same noisy latents: the neutral
         half's target is the frozen base's prediction."""
         plain = [", ".join(w for w in split_tags(c) if w not in self.triggers) for c in captions]
         base_cond = self._cached_text(plain, self.base_text_cache if self.cache_base_text else {}, base=True)
         with torch.no_grad(), _lora_off(self.raw_unet), self.accel.autocast():
-            dtype = self.weight_dtype
-            base_pred = self.raw_unet(noisy.to(dtype), t, base_cond.to(dtype)).sample.float()
+            base_pred = self._predict(self.raw_unet, noisy, t, base_cond, time_ids)
         plain_cond = self._encode_text(plain, grad=True) if self.t_targets else base_cond
-        return (torch.cat([noisy, noisy]), torch.cat([t, t]), torch.cat([cond, plain_cond]),
-                torch.cat([target, base_pred]))
+        return (torch.cat([noisy, noisy]), torch.cat([t, t]), cond.cat(plain_cond),
+                torch.cat([target, base_pred]), torch.cat([time_ids, time_ids]))
 
     # --- the loss log, checkpoints, samples
 
@@ -541,14 +590,21 @@ class _Run:
 
         path = self.run_dir / "samples" / f"step-{done:06d}.png"
         pipe, accel = self.pipe, self.accel
-        pipe.unet, pipe.text_encoder = accel.unwrap_model(self.unet), accel.unwrap_model(self.te)
-        pipe.unet.eval(), pipe.text_encoder.eval()
+        self._unwrap_into_pipe()
+        for model in (pipe.unet, *self.raw_tes):
+            model.eval()
         with accel.autocast():  # frozen weights may be half precision, the LoRA weights float32
             images = generate_images(pipe, self.prompts, list(range(len(self.prompts))))
         with atomic_path(path) as tmp:
             image_grid([images]).save(tmp)
         self._train_mode()
         return path
+
+    def _unwrap_into_pipe(self) -> None:
+        """The pipeline's models are the trained ones again (accelerate may have wrapped them)."""
+        self.pipe.unet, self.pipe.text_encoder = self.accel.unwrap_model(self.unet), self.accel.unwrap_model(self.te)
+        if self.te2 is not None:
+            self.pipe.text_encoder_2 = self.accel.unwrap_model(self.te2)
 
     # --- the adapter
 
@@ -569,7 +625,7 @@ class _Run:
         from .base import base_name
 
         cfg, run, pipe = self.cfg, self.run_dir, self.pipe
-        pipe.unet, pipe.text_encoder = self.accel.unwrap_model(self.unet), self.accel.unwrap_model(self.te)
+        self._unwrap_into_pipe()
         adapter = adapter_from_pipeline(pipe, metadata={
             "stylelora.base_name": base_name(cfg.base),
             "stylelora.base_fingerprint": self.base_fingerprint,
@@ -577,6 +633,7 @@ class _Run:
             "stylelora.training": json.dumps({**cfg.summary(), "steps_done": done,
                                               "seconds": round(time.time() - t0, 1)}),
             "stylelora.dataset": json.dumps(self.data.summary()),
+            **self._kohya_metadata(done, t0),
         })
         if cfg.calibrate_strength:
             from .strength import calibrate
@@ -585,13 +642,59 @@ class _Run:
             adapter.metadata.update(calibrate(adapter, cfg.base, captions, self.triggers))
         try:
             with temp_beside(out) as tmp:
-                save_adapter(adapter, tmp)
+                save_adapter(adapter, tmp, output_name=out.stem)  # kohya layout: every tool loads it
                 return self._publish(tmp, out)
         except OSError as e:
             last = checkpoints_in(run / "checkpoints")
             raise OSError(e.errno, f"{e.strerror or e}; the trained adapter was not written. " + (
                 f"Free space, then `--resume {run}` continues from {last[-1].name}" if last else
                 "There is no checkpoint to resume from: free space and train again")) from e
+
+    def _kohya_metadata(self, done: int, t0: float) -> dict[str, str]:
+        """The run as sd-scripts' train_network.py records it (`ss_*`), which A1111 and other UIs show:
+        resolution, steps, learning rates, folders and tags. Names only, never a local path. The base's
+        version entries come from adapter_from_pipeline, the network's from save_adapter."""
+        from .base import base_name, native_size
+
+        cfg, size = self.cfg, self.cfg.resolution or native_size(self.pipe)
+        dirs, tags = self._dataset_dirs()
+        entries = {
+            "ss_sd_model_name": base_name(cfg.base), "ss_training_started_at": t0,
+            "ss_training_finished_at": time.time(), "ss_steps": done, "ss_max_train_steps": cfg.steps,
+            "ss_learning_rate": cfg.lr, "ss_unet_lr": cfg.lr,
+            "ss_text_encoder_lr": (cfg.te_lr or cfg.lr / 2) if cfg.train_text_encoder else None,
+            "ss_resolution": (size, size), "ss_enable_bucket": cfg.bucket, "ss_num_train_images": len(self.data),
+            "ss_batch_size_per_device": cfg.batch_size, "ss_gradient_accumulation_steps": cfg.grad_accum,
+            "ss_total_batch_size": cfg.batch_size * cfg.grad_accum * self.accel.num_processes,
+            "ss_lr_scheduler": cfg.lr_schedule, "ss_lr_warmup_steps": cfg.warmup_steps,
+            "ss_optimizer": cfg.optimizer, "ss_max_grad_norm": cfg.max_grad_norm, "ss_seed": cfg.seed,
+            "ss_min_snr_gamma": cfg.min_snr_gamma, "ss_noise_offset": cfg.noise_offset,
+            "ss_network_dropout": cfg.lora_dropout, "ss_mixed_precision": cfg.mixed_precision,
+            "ss_caption_dropout_rate": cfg.caption_dropout, "ss_shuffle_caption": cfg.shuffle_captions,
+            "ss_keep_tokens": cfg.keep_tokens, "ss_flip_aug": cfg.flip, "ss_random_crop": cfg.random_crop,
+            "ss_prior_loss_weight": cfg.preserve_weight,
+            "ss_dataset_dirs": json.dumps(dirs), "ss_tag_frequency": json.dumps(tags),
+        }
+        return {k: str(v) for k, v in entries.items()}  # sd-scripts writes str(value): "True", "None"
+
+    def _dataset_dirs(self) -> tuple[dict, dict]:
+        """ss_dataset_dirs ({folder: {"n_repeats", "img_count"}}) and ss_tag_frequency ({folder: {tag:
+        times in the captions}}, tags lower-cased and counted as sd-scripts counts them), keyed by
+        image folder: its path inside the dataset (kohya's `10_name`), the dataset's name at its top."""
+        from pathlib import PurePosixPath
+
+        top = self.cfg.summary()["dataset"]
+        dirs: dict[str, dict[str, int]] = {}
+        tags: dict[str, dict[str, int]] = {}
+        for k, item in enumerate(self.data.items):
+            folder = str(PurePosixPath(item.rel).parent)
+            folder = top if folder == "." else folder
+            entry = dirs.setdefault(folder, {"n_repeats": item.repeats, "img_count": 0})
+            entry["img_count"] += 1
+            counts = tags.setdefault(folder, {})
+            for tag in split_tags(self.data.caption_for_sampling(k).lower()):  # the trigger included
+                counts[tag] = counts.get(tag, 0) + 1
+        return dirs, tags
 
     def _publish(self, tmp: Path, out: Path) -> Path:
         """The written adapter `tmp` into place: over the file that was at `out` when the run started

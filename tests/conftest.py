@@ -39,3 +39,26 @@ def tiny_base(tmp_path_factory, tiny_random_pipe):
     path = tmp_path_factory.mktemp("tiny_base")
     tiny_random_pipe.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_xl_pipe():
+    """A random-weight pipeline of the embedded SDXL architecture (two text encoders, text_time)."""
+    from stylelora.world.models import make_text_encoders_xl, make_unet_xl, make_vae
+    from stylelora.world.pretrain import build_pipeline
+    from stylelora.world.tokenizer import build_tokenizer
+
+    torch.manual_seed(0)
+    tok = build_tokenizer()
+    pipe = build_pipeline(make_vae(), make_text_encoders_xl(len(tok), tok.bos_token_id, tok.eos_token_id),
+                          tok, make_unet_xl())
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@pytest.fixture(scope="session")
+def tiny_xl_base(tmp_path_factory, tiny_xl_pipe):
+    """tiny_xl_pipe saved as a diffusers folder, for tests that go through --base."""
+    path = tmp_path_factory.mktemp("tiny_xl_base")
+    tiny_xl_pipe.save_pretrained(path)
+    return path

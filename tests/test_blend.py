@@ -63,9 +63,12 @@ def base_image(pipe, **gen):
 
 
 def diffusers_image(pipe, tmp_path, named: dict[str, tuple[Adapter, object]]):
-    """The oracle: the same adapters through plain diffusers, unfused PEFT layers."""
+    """The oracle: the same adapters through plain diffusers, unfused PEFT layers. Written with
+    diffusers/PEFT keys: pastel's CLIP layers (q/v, no out_proj) are a kohya file diffusers 0.42
+    cannot read (tests/test_interop.py); the default layout is checked against diffusers there."""
     for name, (ad, _) in named.items():
-        pipe.load_lora_weights(str(save_adapter(ad, tmp_path / f"{name}.safetensors")), adapter_name=name)
+        path = save_adapter(ad, tmp_path / f"{name}.safetensors", layout="diffusers")
+        pipe.load_lora_weights(str(path), adapter_name=name)
     try:
         pipe.set_adapters(list(named), [Scale.parse(s).diffusers() for _, s in named.values()])
         return base_image(pipe)

@@ -46,7 +46,7 @@ def test_inspect(files, capsys):
     code, out, _ = run(capsys, "inspect", files["pastel"])
     assert code == 0
     lines = dict(line.split(":", 1) for line in out.strip().splitlines())
-    assert lines["format"].strip() == "stylelora (version 1)"
+    assert lines["format"].strip() == "kohya (version 1)"  # the default layout, stylelora metadata version 1
     assert lines["rank / alpha"].strip() == "4 / 4"
     assert lines["targets"].strip() == ("32 layers: unet attn2.to_q x7, unet attn2.to_k x7, unet attn2.to_v x7, "
                                         "unet attn2.to_out.0 x7, text_encoder self_attn.v_proj x2, "
@@ -61,17 +61,22 @@ def test_inspect(files, capsys):
 
 
 def test_convert_round_trip(files, capsys, tmp_path):
-    code, out, _ = run(capsys, "convert", files["pastel"], "--to", "kohya", "-o", tmp_path / "k.safetensors")
-    assert code == 0 and "32 layers, stylelora -> kohya keys" in out
-    kohya = load_adapter(tmp_path / "k.safetensors")
-    assert kohya.source_format == "kohya"
-    assert run(capsys, "convert", tmp_path / "k.safetensors", "--to", "diffusers", "-o", tmp_path / "d.safetensors")[0] == 0
+    """The default (kohya) file -> diffusers/PEFT keys -> kohya again: the same layers throughout."""
+    from safetensors.torch import load_file
+
+    code, out, _ = run(capsys, "convert", files["pastel"], "--to", "diffusers", "-o", tmp_path / "d.safetensors")
+    assert code == 0 and "32 layers, kohya -> diffusers keys" in out
     back, orig = load_adapter(tmp_path / "d.safetensors"), load_adapter(files["pastel"])
     assert back.source_format == "stylelora" and sorted(back.layers) == sorted(orig.layers)
     for key, layer in orig.layers.items():
         assert torch.equal(back.layers[key].down, layer.down) and torch.equal(back.layers[key].up, layer.up)
         assert back.layers[key].alpha == layer.alpha
     assert back.trigger_words == ["pastelstyle"]
+    code, out, _ = run(capsys, "convert", tmp_path / "d.safetensors", "--to", "kohya", "-o", tmp_path / "k.safetensors")
+    assert code == 0 and "32 layers, stylelora -> kohya keys" in out
+    assert load_adapter(tmp_path / "k.safetensors").source_format == "kohya"
+    again, first = load_file(str(tmp_path / "k.safetensors")), load_file(str(files["pastel"]))
+    assert sorted(again) == sorted(first) and all(torch.equal(again[k], first[k]) for k in first)
 
 
 def test_merge(files, capsys, tmp_path):

@@ -230,12 +230,12 @@ def _spied_run(monkeypatch, cfg, perturb: str | None):
 
     def batch(self, micro):
         out = masks["now"] = real_batch(self, micro)
-        seen.append(out[2])
+        seen.append(out[3])
         return out
 
     def noised(self, latents, gen):
         noisy, t, target = real_noised(self, latents, gen)
-        m = masks["now"][2]
+        m = masks["now"][3]
         if perturb is not None:
             where = (m == 0) if perturb == "masked" else (m == 1)
             assert where.any(), "the perturbed region must not be empty"

@@ -2,7 +2,7 @@
 captions, live progress) and Adapters (inspect, convert, merge, delete, upload).
 
 Thin on purpose: every action is a call into stylelora (load_base, AdapterStack, train, discover,
-load_adapter/save_adapter/export_kohya); this file maps widgets to arguments and back.
+load_adapter/save_adapter); this file maps widgets to arguments and back.
 
 Design notes
 - One base pipe and one AdapterStack per app, loaded once: sliders and adapter changes never
@@ -49,6 +49,8 @@ from stylelora.fileio import write_text
 from stylelora.parsing import parse_number_list
 
 MAX_SLOTS = 8
+SDXL_SIZES = ((1024, 1024), (1152, 896), (896, 1152), (1216, 832), (832, 1216), (1344, 768), (768, 1344),
+              (1536, 640), (640, 1536))
 
 
 class Slot(NamedTuple):
@@ -137,6 +139,25 @@ def _number(value, field: str, kind=float):
     except (TypeError, ValueError, OverflowError):
         raise ValueError(f"{field} must be a {'whole ' if kind is int else ''}number, "
                          f"not {_short(str(value), 40)!r}") from None
+
+
+def size_choices(native: int) -> list[str]:
+    """SDXL's trained resolutions (1024x1024, 1152x896, ... 640x1536, as SAI's and kohya's bucket lists
+    have them), scaled to this base's native side and rounded to multiples of 8, as "WxH" strings."""
+    out = []
+    for w, h in SDXL_SIZES:
+        wh = tuple(max(8, round(v * native / 1024 / 8) * 8) for v in (w, h))
+        out.append(f"{wh[0]}x{wh[1]}")
+    return list(dict.fromkeys(out))
+
+
+def _size(size) -> tuple[int, int]:
+    """(width, height) from the size control: a number (square, SD 1.x/2.x's slider) or "WxH" (SDXL)."""
+    if isinstance(size, str) and "x" in size:
+        w, _, h = size.partition("x")
+        return _number(w, "size width", int), _number(h, "size height", int)
+    side = _number(size, "size", int)
+    return side, side
 
 
 def shown_caption(caption: str) -> str:
@@ -302,7 +323,7 @@ class StyleloraUI:
 
     def __init__(self, adapters_dir, base=None, *, datasets_dir="datasets", base_config=None,
                  device="cpu", max_adapter_mb=512, max_dataset_mb=512, any_folder=True, enabled=()):
-        from stylelora.base import load_base, native_size
+        from stylelora.base import is_xl, load_base, native_size
         from stylelora.blend import AdapterStack
 
         self.adapters_dir = Path(adapters_dir).expanduser().resolve()
@@ -319,6 +340,7 @@ class StyleloraUI:
         self.device = self.pipe.device.type
         self.stack = AdapterStack(self.pipe)
         self.native = native_size(self.pipe)
+        self.xl = is_xl(self.pipe)  # SDXL: the size control lists SDXL's resolutions
         self._lock = threading.Lock()  # adding/removing adapters and files; generation locks the stack
         self._stamps: dict[str, tuple[int, int]] = {}  # name -> (mtime, size) of the loaded file
         self.job: TrainJob | None = None
@@ -383,7 +405,7 @@ class StyleloraUI:
                 self._load(name)
         scales = {n: self._scale(*v) for n, v in wanted.items()}
         return self.stack.generate(text, negative=negative or None, seed=int(seed), steps=int(steps),
-                                   guidance=float(guidance), size=(int(size), int(size)), mode=mode,
+                                   guidance=float(guidance), size=_size(size), mode=mode,
                                    scales=scales)
 
     def generate(self, prompt, negative, seed, steps, guidance, size, mode, *slots):
@@ -393,7 +415,7 @@ class StyleloraUI:
         text, wanted = self._request(prompt, slots)
         image = self._render(text, negative, seed, steps, guidance, size, mode, wanted)
         settings = {"prompt": prompt, "prompt_used": text, "negative": negative, "seed": int(seed),
-                    "steps": int(steps), "guidance": float(guidance), "size": [int(size)] * 2,
+                    "steps": int(steps), "guidance": float(guidance), "size": list(_size(size)),
                     "mode": mode, "adapters": {n: self._scale(*v) for n, v in wanted.items()},
                     "seconds": round(time.perf_counter() - t0, 3)}
         return image, settings
@@ -633,11 +655,11 @@ class StyleloraUI:
         return out
 
     def convert(self, name, fmt, new_name):
-        from stylelora.adapters import export_kohya, load_adapter, save_adapter
+        from stylelora.adapters import load_adapter, save_adapter
 
         adapter = load_adapter(self.adapter_path(name))
-        out = self._publish(new_name or f"{name}-{fmt}",
-                            lambda tmp: (export_kohya if fmt == "kohya" else save_adapter)(adapter, tmp))
+        new_name = new_name or f"{name}-{fmt}"
+        out = self._publish(new_name, lambda tmp: save_adapter(adapter, tmp, layout=fmt, output_name=new_name))
         return f"wrote {out.name} ({fmt} keys)"
 
     def merge(self, names, weights, new_name, rank):
@@ -654,7 +676,7 @@ class StyleloraUI:
         self._new_path(new_name)  # a taken name fails before the work
         merged, err = merge_adapters([(load_adapter(self.adapter_path(n)), w) for n, w in zip(names, ws)],
                                      rank=int(rank) if rank else None)
-        out = self._publish(new_name, lambda tmp: save_adapter(merged, tmp))
+        out = self._publish(new_name, lambda tmp: save_adapter(merged, tmp, output_name=new_name))  # kohya layout
         return (f"wrote {out.name} = " + " + ".join(f"{w:g}·{n}" for n, w in zip(names, ws)) +
                 f" (relative error {err:.2g})")
 
@@ -737,7 +759,11 @@ def _generate_tab(ui: StyleloraUI) -> SimpleNamespace:
                     dice = gr.Button("random seed", size="sm")
                     steps = gr.Slider(1, 100, DEFAULT_STEPS, step=1, label="steps")
                     guidance = gr.Slider(0, 15, DEFAULT_GUIDANCE, step=0.5, label="guidance")
-                    size = gr.Slider(32, 4 * ui.native, ui.native, step=16, label="size (px)")
+                    if ui.xl:
+                        choices = size_choices(ui.native)
+                        size = gr.Dropdown(choices, value=choices[0], label="size (W x H)")
+                    else:
+                        size = gr.Slider(32, 4 * ui.native, ui.native, step=16, label="size (px)")
                 mode = gr.Radio(list(MODES), value=MODES[0], label="composition")
                 note = gr.Markdown()
                 rows = [_slot_row(ui, i, prompt) for i in range(MAX_SLOTS)]

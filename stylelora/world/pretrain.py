@@ -8,7 +8,9 @@ Order matters:
    saw flat shapes cannot represent other looks and no adapter could then teach them;
 3. text encoder + UNet from scratch on latents of *flat* images only, with every 5th
    (shape, colour, background) triple held out, so the example styles are ones the base
-   cannot draw and held-out prompts test composition.
+   cannot draw and held-out prompts test composition;
+4. (stage unet-xl) the SDXL-architecture twin on the same latents and captions: two new text
+   encoders, and a UNet that starts from step 3's (warm_start_xl), written to base-xl/.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ from PIL import Image, ImageFilter
 from ..fileio import atomic_folder, atomic_path, write_text
 from . import render as W
 from .judge import to_tensor
-from .models import Judge, make_schedulers, make_text_encoder, make_unet, make_vae
+from .models import (RESOLUTION, Judge, make_schedulers, make_text_encoder, make_text_encoders_xl, make_unet,
+                     make_unet_xl, make_vae)
 from .tokenizer import build_tokenizer
 
 
@@ -43,6 +46,7 @@ class PretrainConfig:
     unet_steps: int = 4000
     unet_batch: int = 64
     unet_lr: float = 5e-4
+    unet_xl_steps: int = 1500  # the XL UNet starts from the SD base's UNet (see warm_start_xl)
     caption_dropout: float = 0.1  # empty captions teach the unconditional branch for guidance
     ema_decay: float = 0.999
 
@@ -159,34 +163,71 @@ def train_vae(cfg: PretrainConfig, vae=None, phases=(1, 2)):
     return vae
 
 
-def train_unet(cfg: PretrainConfig, vae, tokenizer):
-    torch.manual_seed(cfg.seed)
-    rng = np.random.default_rng(cfg.seed + 3)
-    train_sched, _ = make_schedulers()
-    te = make_text_encoder(len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)
-    unet = make_unet()
+def _xl_condition(te, te2, tok: torch.Tensor) -> tuple[torch.Tensor, dict]:
+    """What StableDiffusionXLPipeline feeds its UNet: both encoders' penultimate layers concatenated,
+    the second's pooled projection, and the micro-conditioning of a whole 64 px render."""
+    out2 = te2(tok, output_hidden_states=True)
+    cond = torch.cat([te(tok, output_hidden_states=True).hidden_states[-2], out2.hidden_states[-2]], -1)
+    time_ids = torch.tensor([RESOLUTION, RESOLUTION, 0, 0, RESOLUTION, RESOLUTION], dtype=cond.dtype)
+    return cond, {"text_embeds": out2.text_embeds, "time_ids": time_ids.expand(len(tok), 6)}
 
-    # Cache latents once: the VAE is frozen, and flat renders need no augmentation.
+
+def _cached_latents(cfg: PretrainConfig, vae):
+    """Latents and captions of the flat pretraining renders, encoded once (the VAE is frozen)."""
     pairs = W.render_batch(cfg.unet_images, cfg.seed + 4, combos=W.TRAIN_COMBOS)
     with torch.no_grad():
         latents = torch.cat([
             vae.encode(to_tensor([im for _, im in pairs[i : i + 256]])).latent_dist.mode()
             for i in range(0, len(pairs), 256)
         ]) * vae.config.scaling_factor  # (N, 4, 8, 8)
-    captions = [s.caption() for s, _ in pairs]
+    return latents, [s.caption() for s, _ in pairs]
+
+
+def warm_start_xl(unet_xl, sd_unet) -> None:
+    """The XL UNet's blocks are the SD base's: copy its weights (1x1-conv attention projections become
+    the linear ones they equal) and zero the new text_time embedding's output, so training starts from
+    the SD base's drawing skills and only has to learn the two new text encoders' language."""
+    sd = sd_unet.state_dict()
+    with torch.no_grad():
+        for name, t in unet_xl.state_dict().items():
+            if name in sd:
+                t.copy_(sd[name].reshape(t.shape))
+        unet_xl.add_embedding.linear_2.weight.zero_()
+        unet_xl.add_embedding.linear_2.bias.zero_()
+
+
+def train_unet(cfg: PretrainConfig, vae, tokenizer, arch: str = "sd", init_unet=None):
+    """Text encoder(s) + UNet on flat renders. arch "sd": SD 1.x layout, from scratch; "sdxl": two new
+    encoders and SDXL conditioning on the same data and seed, the UNet warm-started from `init_unet`
+    (the SD base's) for cfg.unet_xl_steps. Returns (encoders, unet)."""
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed + 3)
+    train_sched, _ = make_schedulers()
+    ids_args = (len(tokenizer), tokenizer.bos_token_id, tokenizer.eos_token_id)
+    steps = cfg.unet_steps
+    if arch == "sdxl":
+        encoders, unet = make_text_encoders_xl(*ids_args), make_unet_xl()
+        warm_start_xl(unet, init_unet)
+        steps = cfg.unet_xl_steps
+        condition = lambda tok: _xl_condition(*encoders, tok)  # noqa: E731
+    else:
+        encoders, unet = (make_text_encoder(*ids_args),), make_unet()
+        condition = lambda tok: (encoders[0](tok)[0], {})  # noqa: E731
+    latents, captions = _cached_latents(cfg, vae)
     ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
                     truncation=True, return_tensors="pt").input_ids
     empty = tokenizer([""], padding="max_length", max_length=tokenizer.model_max_length,
                       return_tensors="pt").input_ids[0]
 
-    params = list(unet.parameters()) + list(te.parameters())
+    params = list(unet.parameters()) + [p for te in encoders for p in te.parameters()]
     ema = [p.detach().clone() for p in params]
     opt = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=1e-2)
     alphas = train_sched.alphas_cumprod
     t0 = time.time()
-    unet.train(), te.train()
-    for step in range(cfg.unet_steps):
-        _cosine(opt, step, cfg.unet_steps, 200, cfg.unet_lr)
+    for m in (unet, *encoders):
+        m.train()
+    for step in range(steps):
+        _cosine(opt, step, steps, 200, cfg.unet_lr)
         b = torch.from_numpy(rng.integers(0, len(latents), cfg.unet_batch))
         x0 = latents[b]
         tok = ids[b].clone()
@@ -196,7 +237,8 @@ def train_unet(cfg: PretrainConfig, vae, tokenizer):
         t = torch.randint(0, len(alphas), (cfg.unet_batch,))
         a = alphas[t].view(-1, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
-        pred = unet(xt, t, te(tok)[0]).sample
+        cond, added = condition(tok)
+        pred = unet(xt, t, cond, added_cond_kwargs=added or None).sample
         loss = F.mse_loss(pred, noise)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -206,18 +248,26 @@ def train_unet(cfg: PretrainConfig, vae, tokenizer):
             d = min(cfg.ema_decay, (1 + step) / (10 + step))
             for e, p in zip(ema, params):
                 e.lerp_(p, 1 - d)
-        _log("unet", step + 1, cfg.unet_steps, t0, loss=loss.item())
+        _log(f"unet-{arch}" if arch != "sd" else "unet", step + 1, steps, t0, loss=loss.item())
     with torch.no_grad():
         for e, p in zip(ema, params):
             p.copy_(e)
-    return te.eval(), unet.eval()
+    return tuple(te.eval() for te in encoders), unet.eval()
 
 
-def build_pipeline(vae, te, tokenizer, unet):
-    from diffusers import StableDiffusionPipeline
+def build_pipeline(vae, encoders, tokenizer, unet):
+    """StableDiffusionPipeline for one text encoder, StableDiffusionXLPipeline for a pair (both read
+    the same world tokenizer). The XL pipeline encodes an empty negative prompt like any other prompt
+    (force_zeros_for_empty_prompt=False): that is the unconditional input caption dropout taught."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     _, sampler = make_schedulers()
-    return StableDiffusionPipeline(vae=vae, text_encoder=te, tokenizer=tokenizer, unet=unet,
+    encoders = tuple(encoders) if isinstance(encoders, (tuple, list)) else (encoders,)
+    if len(encoders) == 2:
+        return StableDiffusionXLPipeline(vae=vae, text_encoder=encoders[0], text_encoder_2=encoders[1],
+                                         tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet, scheduler=sampler,
+                                         force_zeros_for_empty_prompt=False, add_watermarker=False)
+    return StableDiffusionPipeline(vae=vae, text_encoder=encoders[0], tokenizer=tokenizer, unet=unet,
                                    scheduler=sampler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
 
@@ -252,16 +302,25 @@ def pretrain(out: str | Path, cfg: PretrainConfig | None = None, stages=("judge"
         from diffusers import AutoencoderKL
 
         vae = AutoencoderKL.from_pretrained(out / "base" / "vae", use_safetensors=True).eval()
-    if "unet" in stages:
-        t = time.time()
-        te, unet = train_unet(cfg, vae, tokenizer)
-        timings["unet_s"] = round(time.time() - t)
-        pipe = build_pipeline(vae, te, tokenizer, unet)
-        with atomic_folder(out / "base") as tmp:  # an interrupted save leaves the previous model whole
-            pipe.save_pretrained(tmp, safe_serialization=True)
-    elif "vae" in stages or "vae-refine" in stages:  # VAE retrained alone: keep text encoder/UNet files untouched
-        with atomic_folder(out / "base" / "vae") as tmp:
-            vae.save_pretrained(tmp, safe_serialization=True)
+    sd_unet = None
+    for stage, arch, folder in (("unet", "sd", "base"), ("unet-xl", "sdxl", "base-xl")):
+        if stage in stages:
+            if arch == "sdxl" and sd_unet is None:
+                from diffusers import UNet2DConditionModel
+
+                sd_unet = UNet2DConditionModel.from_pretrained(out / "base" / "unet", use_safetensors=True)
+            t = time.time()
+            encoders, unet = train_unet(cfg, vae, tokenizer, arch, init_unet=sd_unet)
+            sd_unet = unet if arch == "sd" else sd_unet
+            timings[stage.replace("-", "_") + "_s"] = round(time.time() - t)
+            pipe = build_pipeline(vae, encoders, tokenizer, unet)
+            with atomic_folder(out / folder) as tmp:  # an interrupted save leaves the previous model whole
+                pipe.save_pretrained(tmp, safe_serialization=True)
+    if "vae" in stages or "vae-refine" in stages:  # a VAE retrained alone: the other files stay as they are
+        for folder, stage in (("base", "unet"), ("base-xl", "unet-xl")):
+            if (out / folder).is_dir() and stage not in stages:
+                with atomic_folder(out / folder / "vae") as tmp:
+                    vae.save_pretrained(tmp, safe_serialization=True)
     record = out / "pretrain.json"  # stages may run separately: keep earlier stages' timings
     previous = json.loads(record.read_text())["timings"] if record.is_file() else {}
     write_text(record, json.dumps({"config": asdict(cfg), "timings": {**previous, **timings}}, indent=2))
