@@ -36,6 +36,7 @@ from typing import Any, Callable, Mapping
 import torch
 
 from .fileio import PICKLE_SUFFIXES, atomic_path
+from .lycoris import PARTS, UNSUPPORTED, DoraLayer, FullDiff, LohaFactors, LokrFactors, LoconCP, from_kohya_parts
 from .strength import read_map
 
 FORMAT_VERSION = "1"
@@ -71,8 +72,11 @@ _MAGIC = ((b"\x89PNG", "a PNG image", _REFETCH), (b"\xff\xd8\xff", "a JPEG image
           (b"GGUF", "a GGUF model file", _REFETCH), (b"\x1f\x8b", "a gzip archive", "unpack it first"),
           (b"PK\x03\x04", "a zip archive", "unzip it: the .safetensors file may be inside"),
           (b"version https://git-lfs", "a Git LFS pointer to the file", "run `git lfs pull` to fetch the file itself"))
-_PART = {"A": "lora_A", "B": "lora_B", "alpha": "alpha"}
-_PEFT_KEY = re.compile(r"^(?P<module>.+)\.(?:lora_(?P<ab>[AB])\.weight|(?P<alpha>alpha))$")
+_PART = {"A": "lora_A", "B": "lora_B", "alpha": "alpha", "M": "lora_magnitude_vector"}
+_PEFT_KEY = re.compile(r"^(?P<module>.+)\.(?:lora_(?P<ab>[AB])\.weight|(?P<alpha>alpha)"
+                       r"|(?P<mag>lora_magnitude_vector))$")  # the last: DoRA's magnitudes
+# kohya-named parts of a LoRA / LoCon layer (with `lora_mid.weight`, a CP LoCon: lycoris.PARTS)
+_KOHYA_LORA_PARTS = ("lora_down.weight", "lora_up.weight", "alpha", "dora_scale")
 
 
 @dataclass
@@ -83,6 +87,8 @@ class LoraFactors:
     down: torch.Tensor  # A: (rank, in) or (rank, in, kh, kw)
     up: torch.Tensor  # B: (out, rank) or (out, rank, 1, 1)
     alpha: float
+    kind = "lora"  # the layer kinds of lycoris.py share this interface (shape, rank, alpha, delta, ...)
+    flat = False  # a conv LoRA keeps its kernel: its shape is the base weight's
 
     def __post_init__(self):
         if not (self.down.is_floating_point() and self.up.is_floating_point()):
@@ -114,19 +120,42 @@ class LoraFactors:
         """Shape of the base weight this layer adds to: (out, in) or (out, in, kh, kw)."""
         return (self.up.shape[0],) + tuple(self.down.shape[1:])
 
-    def delta(self) -> torch.Tensor:
-        """The weight update, in float32 so merging and comparing do not lose low bits."""
+    @property
+    def rank_bound(self) -> int:
+        return self.rank
+
+    def tensors(self) -> tuple[torch.Tensor, ...]:
+        return self.down, self.up
+
+    def delta(self, w0: torch.Tensor | None = None) -> torch.Tensor:
+        """The weight update, in float32 so merging and comparing do not lose low bits. (w0: the
+        base weight, which other layer kinds may need; a LoRA update does not depend on it.)"""
         return (self.up.flatten(1).float() @ self.down.flatten(1).float() * self.scale).reshape(self.shape)
 
 
+# One adapted layer. LoRA keeps its factors (blended by a fused low-rank product); the others are
+# blended as their dense update (lycoris.py), DoRA's computed against the base it is added to.
+Layer = LoraFactors | LoconCP | LohaFactors | LokrFactors | FullDiff | DoraLayer
+
+
+def needs_base(layer: Layer) -> str | None:
+    """Why this layer's exact update needs the base weights (None: it does not)."""
+    if isinstance(layer, DoraLayer):
+        return "it is a DoRA layer, whose update depends on the base weights"
+    if layer.flat and len(layer.shape) == 2:
+        return (f"its {layer.kind} factors are 2-D, so only the base tells a linear layer from a conv layer whose "
+                "kernel they flatten")
+    return None
 
 
 @dataclass
 class Adapter:
-    layers: dict[str, LoraFactors]  # "unet.<module>" / "text_encoder.<module>" / "text_encoder_2.<module>"
+    layers: dict[str, Layer]  # "unet.<module>" / "text_encoder.<module>" / "text_encoder_2.<module>"
     metadata: dict[str, str] = field(default_factory=dict)
     path: Path | None = None
-    source_format: str = "stylelora"  # what the file was: "stylelora" | "diffusers" | "kohya"
+    # what the file was: "stylelora" | "diffusers" | "kohya" | "lycoris-<kinds>" (e.g. lycoris-loha), and
+    # "+dora" when some layer has DoRA magnitudes
+    source_format: str = "stylelora"
 
     @property
     def rank(self) -> int:
@@ -151,11 +180,23 @@ class Adapter:
 
     @property
     def nbytes(self) -> int:
-        return sum(l.down.nbytes + l.up.nbytes for l in self.layers.values())
+        return sum(t.nbytes for l in self.layers.values() for t in l.tensors())
 
     @property
     def n_params(self) -> int:
-        return sum(l.down.numel() + l.up.numel() for l in self.layers.values())
+        return sum(t.numel() for l in self.layers.values() for t in l.tensors())
+
+
+def require_lora(adapter: Adapter, target: str | os.PathLike) -> None:
+    """Writers keep LoRA factors only: refuse, by name, a layer of another kind instead of a wrong file."""
+    key, layer = next(((k, l) for k, l in adapter.layers.items() if not isinstance(l, LoraFactors)), (None, None))
+    if key is not None:
+        kind = layer.kind + (" DoRA" if isinstance(layer, DoraLayer) else "")
+        raise ValueError(f"cannot write {target}: layer {key} of {adapter.path or 'the adapter'} is a {kind} layer "
+                         f"(a {adapter.source_format} file), and stylelora writes LoRA factors only. Convert it to "
+                         f"LoRA with `stylelora merge {adapter.path or 'ADAPTER.safetensors'}:1 --raw-scale -o "
+                         "NEW.safetensors` (an SVD of each layer's exact update; --rank N makes it smaller, --base "
+                         "names the base when it needs one)")
 
 
 def stylelora_metadata(*, base_name: str | None = None, base_fingerprint: str | None = None,
@@ -244,6 +285,7 @@ def save_adapter(adapter: Adapter, path: str | os.PathLike, *, layout: str | Non
     sd-scripts' SDXL trainer names them, see _kohya_name); "diffusers": diffusers/PEFT keys (format
     version 1's layout). `output_name` is the name kohya tools list the adapter under
     (`ss_output_name`); unset = the file's stem (pass it when `path` is a temporary)."""
+    require_lora(adapter, path)
     layout = layout or LAYOUTS[0]
     if layout == "diffusers":
         return _save_diffusers(adapter, path)
@@ -508,9 +550,17 @@ def _twice(path: Path, first: str, second: str, weight: str) -> ValueError:
 
 
 def _unknown(path: Path, keys: list[str]) -> ValueError:
-    return ValueError(f"{path}: {len(keys)} key(s) are not LoRA weights stylelora understands (diffusers/"
-                      f"PEFT, or kohya lora_down/lora_up/alpha), e.g. {', '.join(keys[:3])}. LoHa/LoKr/DoRA, "
-                      "SDXL (lora_te2_) and full checkpoints are not supported: export a plain SD 1.x/2.x LoRA")
+    return ValueError(f"{path}: {len(keys)} key(s) are not LoRA weights stylelora understands (diffusers/PEFT "
+                      "lora_A/lora_B/alpha/lora_magnitude_vector, or kohya/LyCORIS lora_down/lora_up/lora_mid, hada_*, "
+                      f"lokr_*, diff, alpha, dora_scale), e.g. {', '.join(keys[:3])}. Full checkpoints are not "
+                      "adapters: export a plain SD 1.x/2.x LoRA (or an SDXL or LyCORIS one)")
+
+
+def _unsupported(path: Path, key: str) -> ValueError:
+    what = UNSUPPORTED[key.partition(".")[2]]
+    return ValueError(f"{path}: {key} is part of {what}, which stylelora cannot blend (it reads LoRA/LoCon, LoHa, "
+                      "LoKr, LyCORIS full diffs and DoRA, on weights only): use this file in ComfyUI or A1111, or "
+                      "train the style as one of those")
 
 
 def _to_peft(comp: str, key: str) -> str:
@@ -552,28 +602,33 @@ def _split_components(path: Path, tensors: dict[str, torch.Tensor]) -> dict[str,
 
 def _layers(path: Path, comp: str, sd: dict[str, tuple[str, torch.Tensor]],
             alpha_of: Callable[[str, int, float | None], float],
-            origins: dict[str, str] | None = None) -> dict[str, LoraFactors]:
+            origins: dict[str, str] | None = None) -> dict[str, Layer]:
     """Layers of one component from its (any-vintage diffusers) keys, each mapped to (the key in
     the file, tensor); alpha_of(module, rank, .alpha). `origins` gets layer -> its file key."""
     pairs: dict[str, dict[str, torch.Tensor]] = collections.defaultdict(dict)
-    alphas, unknown, seen = {}, [], {}
+    alphas, magnitudes, unknown, seen = {}, {}, [], {}
     for rest, (file_key, t) in sd.items():
         key = _to_peft(comp, rest)
         if not (m := _PEFT_KEY.match(key)):
             unknown.append(f"{comp}.{key}")
             continue
         module = m["module"].removeprefix("text_model.") if comp in TEXT_COMPONENTS else m["module"]
-        part = "alpha" if m["alpha"] else m["ab"]
+        part = "alpha" if m["alpha"] else "M" if m["mag"] else m["ab"]
         if (module, part) in seen:  # e.g. CLIP with and without text_model., old and new diffusers keys
             raise _twice(path, seen[module, part], file_key, f"{comp}.{module}.{_PART[part]}")
         seen[module, part] = file_key
         if m["alpha"]:
             alphas[module] = _scalar(path, file_key, t)
+        elif m["mag"]:
+            magnitudes[module] = t
         else:
             pairs[module][m["ab"]] = t
     if unknown:
         raise _unknown(path, unknown)
-    layers = {}
+    if lone := next((mod for mod in magnitudes if mod not in pairs), None):
+        raise ValueError(f"{path}: {seen[lone, 'M']} has no lora_A/lora_B beside it; the file is incomplete, "
+                         "re-export it")
+    layers: dict[str, Layer] = {}
     for module, ab in pairs.items():
         if set(ab) != {"A", "B"}:
             raise ValueError(f"{path}: {comp}.{module} has lora_{''.join(ab)} without its partner; "
@@ -590,6 +645,9 @@ def _layers(path: Path, comp: str, sd: dict[str, tuple[str, torch.Tensor]],
         if not bound < _F32_MAX and not torch.isfinite(layer.delta()).all():
             raise ValueError(f"{path}: layer {comp}.{module}: its weight update (up @ down * alpha / rank, alpha = "
                              f"{layer.alpha:g}) overflows float32 to inf; the adapter is broken: re-export it")
+        if module in magnitudes:  # PEFT DoRA: one magnitude per output row
+            layers[f"{comp}.{module}"] = _with(path, f"{comp}.{module}", DoraLayer.from_magnitude_vector, layer,
+                                               magnitudes[module])
         if origins is not None:
             origins[f"{comp}.{module}"] = seen[module, "A"]
     return layers
@@ -635,47 +693,131 @@ def _from_diffusers(path: Path, tensors: dict[str, torch.Tensor], metadata: dict
     return layers
 
 
-def _from_kohya(path: Path, tensors: dict[str, torch.Tensor], origins: dict[str, str]) -> dict[str, LoraFactors]:
-    """kohya names -> ours through diffusers' converter, one module at a time so that each .alpha
-    stays with its module. (0.42's own import keys .alpha under names matching no module, so mixed
-    alphas collapse there.) kohya semantics: a missing or zero alpha means alpha = rank."""
-    from diffusers.loaders import StableDiffusionLoraLoaderMixin
-
+def _kohya_groups(path: Path, tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """kohya module name -> {part: tensor}. Parts of layer types stylelora does not blend are refused by name."""
     groups: dict[str, dict[str, torch.Tensor]] = collections.defaultdict(dict)
     unknown = []
     for key, t in tensors.items():
         name, _, part = key.partition(".")
-        if name.startswith(KOHYA_PREFIXES) and part in ("lora_down.weight", "lora_up.weight", "alpha"):
+        if name.startswith(KOHYA_PREFIXES) and (part in _KOHYA_LORA_PARTS or part in PARTS):
             groups[name][part] = t
+        elif name.startswith(KOHYA_PREFIXES) and part in UNSUPPORTED:
+            raise _unsupported(path, key)
         else:
             unknown.append(key)
     if unknown:
         raise _unknown(path, unknown)
-    layers: dict[str, LoraFactors] = {}
-    for name, g in groups.items():
-        if "lora_down.weight" not in g or "lora_up.weight" not in g:
+    return groups
+
+
+def _kohya_kind(path: Path, name: str, parts: Mapping[str, torch.Tensor]) -> str:
+    """"lora", or the LyCORIS kind ("locon", "loha", "lokr", "full") the module's parts belong to."""
+    kinds = {PARTS.get(p, "lora") for p in parts if p not in ("alpha", "dora_scale")}
+    if kinds == {"lora", "locon"}:  # lora_down / lora_up around a CP core (lora_mid)
+        kinds = {"locon"}
+    if len(kinds) > 1:
+        raise ValueError(f"{path}: {name} mixes the parts of different layer kinds ({', '.join(sorted(parts))}); "
+                         "a layer has one kind: the file is damaged, re-export it")
+    return kinds.pop() if kinds else "lora"
+
+
+_SAI_BLOCKS = ("lora_unet_input_blocks_", "lora_unet_middle_block_", "lora_unet_output_blocks_")
+
+
+def _kohya_module(path: Path, name: str, file_key: str, sai_layers: int = 2) -> tuple[str, str]:
+    """(component, module) of a kohya module name, by diffusers' converter. It is fed stand-in LoRA
+    weights: only the name matters, and LyCORIS layers have no lora_down/lora_up to feed it. SDXL's
+    SAI block names (input_blocks_4_1_...) are counted with `sai_layers` UNet layers per block."""
+    from types import SimpleNamespace
+
+    from diffusers.loaders import StableDiffusionLoraLoaderMixin, StableDiffusionXLLoraLoaderMixin
+
+    stand_in = torch.zeros(1, 1)
+    sd = {f"{name}.lora_down.weight": stand_in, f"{name}.lora_up.weight": stand_in}
+    try:  # diffusers' converter on names it may not know: whatever it trips on, the key is unknown
+        if name.startswith(_SAI_BLOCKS):  # only the SDXL loader maps SAI blocks, given the block size
+            converted, _ = StableDiffusionXLLoraLoaderMixin.lora_state_dict(
+                sd, unet_config=SimpleNamespace(layers_per_block=sai_layers))
+        else:
+            converted, _ = StableDiffusionLoraLoaderMixin.lora_state_dict(sd)
+    except (ValueError, KeyError, IndexError, AttributeError, TypeError, RuntimeError):
+        raise _unknown(path, [file_key]) from None
+    comps = {k.split(".", 1)[0] for k in converted}
+    if len(comps) != 1 or (comp := comps.pop()) not in COMPONENTS:  # a name no component of ours has
+        raise _unknown(path, [file_key])
+    if not (m := _PEFT_KEY.match(_to_peft(comp, next(iter(converted)).split(".", 1)[1]))):
+        raise _unknown(path, [file_key])
+    return comp, m["module"].removeprefix("text_model.") if comp in TEXT_COMPONENTS else m["module"]
+
+
+def _with(path: Path, key: str, make: Callable, *args):
+    """make(*args), with its ValueError naming the file and the layer."""
+    try:
+        return make(*args)
+    except ValueError as e:
+        raise ValueError(f"{path}: layer {key}: {e}") from e
+
+
+def _kohya_layer(path: Path, name: str, key: str, kind: str, parts: Mapping[str, torch.Tensor]) -> Layer:
+    """One module's layer from its kohya-named parts. A missing or zero alpha means alpha = rank."""
+    alpha = _scalar(path, f"{name}.alpha", parts["alpha"]) if "alpha" in parts else 0.0
+    if kind == "lora":
+        if "lora_down.weight" not in parts or "lora_up.weight" not in parts:
             raise ValueError(f"{path}: {name} lacks lora_down or lora_up; the file is incomplete, re-export it")
-        down, up = f"{name}.lora_down.weight", f"{name}.lora_up.weight"
-        try:  # diffusers' converter on names it may not know: whatever it trips on, the key is unknown
-            converted, _ = StableDiffusionLoraLoaderMixin.lora_state_dict(
-                {down: g["lora_down.weight"], up: g["lora_up.weight"]})
-        except (ValueError, KeyError, IndexError, AttributeError, TypeError, RuntimeError):
-            raise _unknown(path, [down]) from None
-        comps = {k.split(".", 1)[0] for k in converted}
-        if len(comps) != 1 or (comp := comps.pop()) not in COMPONENTS:  # e.g. SDXL's second text encoder
-            raise _unknown(path, [down])
-        alpha = _scalar(path, f"{name}.alpha", g["alpha"]) if "alpha" in g else 0.0
-        sd = {k.split(".", 1)[1]: (down if ".lora_A." in k else up, v) for k, v in converted.items()}
-        for key, layer in _layers(path, comp, sd, lambda m, r, a, kohya=alpha: kohya or float(r)).items():
-            if key in layers:  # e.g. lora_te_ and lora_te1_ spellings of one CLIP layer
-                raise _twice(path, origins[key], down, f"{key}.lora_A")
-            layers[key], origins[key] = layer, down
+        comp, module = key.split(".", 1)
+        sd = {f"{module}.lora_{ab}.weight": (f"{name}.{part}", parts[part])
+              for ab, part in (("A", "lora_down.weight"), ("B", "lora_up.weight"))}
+        layer = _layers(path, comp, sd, lambda m, r, a: alpha or float(r))[key]
+    else:
+        layer = _with(path, key, from_kohya_parts, kind,
+                      {p: t for p, t in parts.items() if p not in ("alpha", "dora_scale")}, alpha)
+        # As for LoRA: the exact update is computed only when its cheap bound passes float32.
+        if not layer.bound() < _F32_MAX and not torch.isfinite(layer.delta()).all():
+            raise ValueError(f"{path}: layer {key}: its {kind} weight update (alpha = {layer.alpha:g}) overflows "
+                             "float32 to inf; the adapter is broken: re-export it")
+    if "dora_scale" in parts:
+        layer = _with(path, key, DoraLayer.from_dora_scale, layer, parts["dora_scale"])
+    return layer
+
+
+def _from_kohya(path: Path, tensors: dict[str, torch.Tensor], origins: dict[str, str],
+                metadata: Mapping[str, str]) -> dict[str, Layer]:
+    """kohya / LyCORIS names -> ours through diffusers' converter, one module at a time so that each
+    .alpha stays with its module. (0.42's own import keys .alpha under names matching no module, so
+    mixed alphas collapse there.) SDXL's SAI block names are counted as the file's metadata says
+    (stylelora's own files record it), else as SDXL's UNet has them."""
+    sai_layers = _xl_layers_per_block(metadata)
+    layers: dict[str, Layer] = {}
+    for name, parts in _kohya_groups(path, tensors).items():
+        kind = _kohya_kind(path, name, parts)
+        weights = sorted(p for p in parts if p not in ("alpha", "dora_scale"))
+        file_key = f"{name}.{weights[0] if weights else next(iter(parts))}"  # names the layer in messages
+        comp, module = _kohya_module(path, name, file_key, sai_layers)
+        key = f"{comp}.{module}"
+        layer = _kohya_layer(path, name, key, kind, parts)
+        if key in layers:  # e.g. lora_te_ and lora_te1_ spellings of one CLIP layer
+            raise _twice(path, origins[key], file_key, f"{key}.lora_A" if kind == "lora" else key)
+        layers[key], origins[key] = layer, file_key
     return layers
+
+
+def _source_format(layers: Mapping[str, Layer], kohya: bool, version: str | None,
+                   metadata: Mapping[str, str]) -> str:
+    """What the file was, for inspect: stylelora / diffusers / kohya, or lycoris-<kinds>; +dora if any."""
+    kinds = {layer.kind for layer in layers.values()}
+    if not kohya:
+        name = "stylelora" if version else "diffusers"
+    elif kinds == {"lora"} and not metadata.get("ss_network_module", "").startswith("lycoris"):
+        name = "kohya"
+    else:  # LyCORIS calls LoRA on linear and conv layers alike LoCon
+        name = "lycoris-" + "+".join(sorted({"locon" if k == "lora" else k for k in kinds}))
+    return name + "+dora" if any(isinstance(layer, DoraLayer) for layer in layers.values()) else name
 
 
 def load_adapter(path: str | os.PathLike, *, max_header_bytes: int = 100_000_000) -> Adapter:
     """Read a LoRA .safetensors: ours, diffusers/PEFT (any key vintage, or a save_lora_weights
-    folder), or kohya/A1111/Civitai. Refuses pickles, corrupt headers, NaN/inf and unknown keys."""
+    folder; DoRA too), kohya/A1111/Civitai, or LyCORIS (LoCon, LoHa, LoKr, full diffs, DoRA).
+    Refuses pickles, corrupt headers, NaN/inf and unknown keys."""
     path = Path(path).expanduser()
     if path.is_dir() and (path / "pytorch_lora_weights.safetensors").is_file():
         path = path / "pytorch_lora_weights.safetensors"
@@ -696,7 +838,7 @@ def load_adapter(path: str | os.PathLike, *, max_header_bytes: int = 100_000_000
     other = {k: t for k, t in tensors.items() if k not in kohya}
     k_origins: dict[str, str] = {}
     d_origins: dict[str, str] = {}
-    layers = _from_kohya(path, kohya, k_origins) if kohya else {}
+    layers = _from_kohya(path, kohya, k_origins, metadata) if kohya else {}
     if other:
         d_layers = _from_diffusers(path, other, metadata, d_origins)
         if kohya:  # two conventions in one file (diffusers itself refuses it): never guess
@@ -705,13 +847,13 @@ def load_adapter(path: str | os.PathLike, *, max_header_bytes: int = 100_000_000
             raise ValueError(f"{path} mixes kohya keys ({next(iter(kohya))}) and diffusers/PEFT keys "
                              f"({next(iter(other))}); loaders read one convention per file: re-export it in one")
         layers = d_layers
-    source = "kohya" if kohya else "stylelora" if version else "diffusers"
     if not layers:
         raise ValueError(f"no LoRA weights in {path}; the file is incomplete: re-export it")
     order = _json_meta(metadata, PREFIX + "targets", path)
     if isinstance(order, list) and sorted(order) == sorted(layers):  # safetensors sorts keys; undo that
         layers = {k: layers[k] for k in order}
-    return Adapter(layers=layers, metadata=metadata, path=path, source_format=source)
+    return Adapter(layers=layers, metadata=metadata, path=path,
+                   source_format=_source_format(layers, bool(kohya), version, metadata))
 
 
 # --- pipelines --------------------------------------------------------------------------------
@@ -764,17 +906,43 @@ def resolve_module(pipe, key: str) -> torch.nn.Module | None:
 
 
 def check_fits(adapter: Adapter, pipe) -> None:
-    """ValueError at the first layer whose module the base lacks or whose weight shape differs."""
+    """ValueError at the first layer whose module the base lacks or whose weight shape differs; an SDXL
+    adapter on an SD 1.x/2.x base (or the reverse) is said so first, in one message."""
     base = adapter.metadata.get(PREFIX + "base_name", "unknown")
+    pipe_xl, adapter_xl = getattr(pipe, "text_encoder_2", None) is not None, _is_sdxl(adapter)
+    version = adapter.metadata.get("ss_base_model_version", "")
+    if adapter_xl and not pipe_xl:
+        raise ValueError(f"{adapter.path or 'the adapter'} is an SDXL LoRA (its base: {base}) and this base is SD 1.x/"
+                         "2.x: load it on an SDXL base (e.g. --base embedded-xl, or an SDXL folder or file)")
+    if pipe_xl and (version.startswith("sd_v") or (not adapter_xl and not _fits_all(adapter, pipe))):
+        raise ValueError(f"{adapter.path or 'the adapter'} is an SD 1.x/2.x LoRA (its base: {base}) and this base is "
+                         "SDXL: load it on an SD 1.x/2.x base (e.g. --base embedded), or use an SDXL LoRA")
     for key, layer in adapter.layers.items():
         mod = resolve_module(pipe, key)
         if not isinstance(getattr(mod, "weight", None), torch.Tensor):
             raise ValueError(f"adapter layer {key} has no matching module in this base model: the adapter "
                              f"was made for another architecture (its base: {base}); use a matching base")
-        if tuple(mod.weight.shape) != layer.shape:
+        shape = tuple(mod.weight.shape)
+        if not _fits(layer, shape):
             raise ValueError(f"adapter layer {key} does not fit this base model: the adapter's delta is "
-                             f"{layer.shape} (out, in) but the base weight is {tuple(mod.weight.shape)}; "
-                             f"the adapter was trained for a different base (its base: {base})")
+                             f"{layer.shape} (out, in{'*kh*kw' if layer.flat else ''}) but the base weight is "
+                             f"{shape}; the adapter was trained for a different base (its base: {base})")
+        if isinstance(layer, DoraLayer) and (why := layer.mismatch(shape)):
+            raise ValueError(f"adapter layer {key} does not fit this base model: {why}; the adapter was trained "
+                             f"for a different base (its base: {base})")
+
+
+def _fits_all(adapter: Adapter, pipe) -> bool:
+    """Every layer has its module in `pipe`, of the right shape."""
+    mods = {key: resolve_module(pipe, key) for key in adapter.layers}
+    return all(isinstance(getattr(m, "weight", None), torch.Tensor) and _fits(adapter.layers[k], tuple(m.weight.shape))
+               for k, m in mods.items())
+
+
+def _fits(layer: Layer, shape: tuple[int, ...]) -> bool:
+    """The layer's update has the base weight's shape; a flat one, its (out, in*kh*kw) flattening."""
+    return layer.shape == shape or (layer.flat and len(layer.shape) == 2 and len(shape) > 2
+                                    and layer.shape == (shape[0], math.prod(shape[1:])))
 
 
 def fingerprint(pipe, samples: int = 16) -> str:
@@ -808,4 +976,6 @@ def describe(adapter: Adapter) -> dict[str, Any]:
             "training": _json_meta(meta, PREFIX + "training", path) or {},
             "dataset": _json_meta(meta, PREFIX + "dataset", path) or {},
             "strength_map": read_map(meta, str(path)),  # strength -> raw scale; None: strength = raw scale
+            "layer_kinds": dict(collections.Counter(l.kind + ("+dora" if isinstance(l, DoraLayer) else "")
+                                                    for l in adapter.layers.values())),
             "nbytes": adapter.nbytes, "n_params": adapter.n_params}

@@ -3,8 +3,10 @@ them into the base weights, or compose them per denoising step; and merge severa
 
 Merge mode writes, for every targeted layer, W = W0 + sum_i s_i * (alpha_i / r_i) * B_i @ A_i into
 the plain nn.Linear / Conv2d weight, so a blended pipeline costs exactly what the base costs (no
-PEFT wrappers in the forward pass). W0 is copied for targeted layers only; a layer is rewritten
-only when its list of (adapter, coefficient) terms changed, and adapters at scale 0 never enter
+PEFT wrappers in the forward pass). LyCORIS (LoCon with a CP core, LoHa, LoKr, full) and DoRA layers
+enter that sum as their exact dense update s_i * dW_i (lycoris.py); DoRA's dW is computed once, when
+the adapter is added, against this stack's W0. W0 is copied for targeted layers only; a layer is
+rewritten only when its list of (adapter, coefficient) terms changed, and adapters at scale 0 never enter
 that list, so loaded-but-inactive adapters cost nothing.
 
 balanced (the default) is that merge with every active adapter's scale times N ** (-1/3), N the number of
@@ -32,8 +34,8 @@ from typing import Any, Mapping, NamedTuple
 
 import torch
 
-from .adapters import (Adapter, LoraFactors, check_fits, common_base_metadata, load_adapter, resolve_module,
-                       stylelora_metadata)
+from .adapters import (Adapter, Layer, LoraFactors, check_fits, common_base_metadata, load_adapter, needs_base,
+                       resolve_module, stylelora_metadata)
 from .config import MODES
 from .strength import read_map, to_raw
 
@@ -105,12 +107,14 @@ class Scale:
 
 
 class _Factors(NamedTuple):
-    """One adapter's layer, ready to fuse: float32 on the weight's device."""
+    """One adapter's layer, ready to fuse: float32 on the weight's device. LoRA keeps its factors;
+    other kinds (LyCORIS, DoRA) are their dense update, already scaled by their alpha / rank."""
 
-    up: torch.Tensor  # B: (out, r)
-    down: torch.Tensor  # A: (r, in * kh * kw)
-    alpha_over_r: float
-    bound: float  # sum_k max|B[:, k]| * max|A[k, :]| >= max|B @ A|: a scale change needs no scan
+    up: torch.Tensor | None  # B: (out, r)
+    down: torch.Tensor | None  # A: (r, in * kh * kw)
+    alpha_over_r: float  # 1 for a dense update
+    bound: float  # >= max |update| (LoRA: sum_k max|B[:, k]| * max|A[k, :]|): a scale change needs no scan
+    dense: torch.Tensor | None = None  # (out, in * kh * kw)
 
 
 @dataclass
@@ -163,24 +167,22 @@ class AdapterStack:
         return list(self._loaded)
 
     def add(self, name: str, adapter: str | Path | Adapter, scale: Any = 1.0) -> Adapter:
-        """Load (or replace) adapter `name` at `scale`. Checks it fits the base first."""
+        """Load (or replace) adapter `name` at `scale`. Checks it fits the base first. (A LyCORIS or
+        DoRA layer costs one dense float32 copy of its update, made here.)"""
         if not isinstance(name, str) or not name:
             raise ValueError(f"adapter name must be a non-empty string, got {name!r}")
         adapter = adapter if isinstance(adapter, Adapter) else load_adapter(adapter)
         check_fits(adapter, self.pipe)
         scale = Scale.parse(scale)
         with self.lock:
+            # before any change, so that a layer which fails (a DoRA update past float32) changes nothing
+            factors = {key: self._factors(key, layer) for key, layer in adapter.layers.items()}
             order = list(self._loaded)
             previous = (self._loaded[name], self.scales[name]) if name in self._loaded else None
             if previous is not None:  # a replacement: the old one comes back if the new one fails
                 self._remove(name)
-            factors = {}
-            for key, layer in adapter.layers.items():
+            for key in factors:
                 self._track(key)
-                w = self._modules[key].weight
-                up = layer.up.flatten(1).to(w.device, torch.float32)
-                down = layer.down.flatten(1).to(w.device, torch.float32)
-                factors[key] = _Factors(up, down, layer.scale, float((up.abs().amax(0) * down.abs().amax(1)).sum()))
             self._loaded[name] = _Loaded(adapter, factors, read_map(adapter.metadata, str(adapter.path or name)))
             self.scales[name] = scale
             try:
@@ -196,6 +198,20 @@ class AdapterStack:
                     self._apply(self._plan(self.scales))
                 raise
         return adapter
+
+    def _factors(self, key: str, layer: Layer) -> _Factors:
+        """A layer ready to fuse. A DoRA layer's update is computed here, against this stack's W0."""
+        # W0: the kept copy, or the module's weight itself, which holds W0 while no adapter targets it
+        w0 = self._w0[key] if key in self._w0 else resolve_module(self.pipe, key).weight.detach()
+        if isinstance(layer, LoraFactors):
+            up = layer.up.flatten(1).to(w0.device, torch.float32)
+            down = layer.down.flatten(1).to(w0.device, torch.float32)
+            return _Factors(up, down, layer.scale, float((up.abs().amax(0) * down.abs().amax(1)).sum()))
+        try:
+            dense = layer.delta(w0).to(w0.device, torch.float32).reshape(w0.shape[0], -1)
+        except ValueError as e:
+            raise ValueError(f"adapter layer {key}: {e}") from e
+        return _Factors(None, None, 1.0, float(dense.abs().max()), dense)
 
     def _track(self, key: str) -> None:
         """Keep a W0 copy of a layer some adapter targets (once)."""
@@ -334,9 +350,13 @@ class AdapterStack:
             weight.copy_(w0)
             self._applied.pop(key, None)
             return
-        ups = [self._loaded[n].factors[key].up * c for n, c in terms]  # (out, r_i) each
-        downs = [self._loaded[n].factors[key].down for n, _ in terms]  # (r_i, in) each
-        up, down = torch.cat(ups, 1), torch.cat(downs, 0)  # float32, as add() stored them
+        factors = [(self._loaded[n].factors[key], c) for n, c in terms]
+        low = [(f, c) for f, c in factors if f.dense is None]
+        dense = [(f, c) for f, c in factors if f.dense is not None]
+        rows = weight.shape[0]
+        if low:
+            up = torch.cat([f.up * c for f, c in low], 1)  # (out, sum r_i), float32 as add() stored them
+            down = torch.cat([f.down for f, _ in low], 0)  # (sum r_i, in)
 
         def overflow() -> ValueError:
             return ValueError(f"blending {[n for n, _ in terms]} into {key} gives NaN/inf in {weight.dtype}: "
@@ -345,16 +365,24 @@ class AdapterStack:
         if weight.dtype == torch.float32 and weight.is_contiguous():
             # W = W0 + up @ down in one fused pass straight into the weight: on big layers the extra
             # passes of a temporary (add, copy, full finiteness scan) cost as much as the product.
-            rows = weight.shape[0]
-            torch.addmm(w0.view(rows, -1), up, down, out=weight.view(rows, -1))
+            out = weight.view(rows, -1)
+            if low:
+                torch.addmm(w0.view(rows, -1), up, down, out=out)
+            else:
+                out.copy_(w0.view(rows, -1))
+            for f, c in dense:
+                out.add_(f.dense, alpha=c)
             # |delta| <= sum over terms of |c| * (that adapter's bound, computed once in add()): when
             # that cannot overflow, skip scanning the whole layer for inf.
-            bound = sum(abs(c) * self._loaded[n].factors[key].bound for n, c in terms) + self._w0_absmax[key]
+            bound = sum(abs(c) * f.bound for f, c in factors) + self._w0_absmax[key]
             if not bound < 1e38 and not torch.isfinite(weight).all():
                 self._write(key, self._applied.get(key, ()))  # put the layer back as it was
                 raise overflow()
-        else:  # fp16/bf16 (or strided) weights: the product in float32, then cast
-            new = (w0.float() + (up @ down).view(w0.shape)).to(weight.dtype)
+        else:  # fp16/bf16 (or strided) weights: the sum in float32, then cast
+            new = w0.float().view(rows, -1) + (up @ down if low else 0)
+            for f, c in dense:
+                new = new + c * f.dense
+            new = new.view(w0.shape).to(weight.dtype)
             if not torch.isfinite(new).all():
                 raise overflow()
             weight.copy_(new)
@@ -420,34 +448,67 @@ def _prompt_embeds(pipe, prompt: str, negative: str | None, cfg: bool) -> dict[s
 
 # --- merging many adapters into one -------------------------------------------------------
 
-def merge_adapters(items: list[tuple[Adapter, Any]], rank: int | None = None) -> tuple[Adapter, float]:
-    """One adapter whose layers approximate sum_i scale_i * delta_i at `rank` (default: the sum of
-    the ranks, which is exact). Returns it (alpha = rank, so scale 1 is the sum) and the relative
-    Frobenius error over all layers. The truncated SVD is taken of a small core, not of the full
-    delta: with B = Qb Rb and A^T = Qa Ra, B A = Qb (Rb Ra^T) Qa^T, and only Rb Ra^T is decomposed."""
+def _factored(layer: Layer, s: float, w0: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, A) in float64 with B @ A = s * the layer's update, as an (out, in * kh * kw) matrix. LoRA
+    gives its own factors; a dense update D is I @ D or D @ I, whichever identity is the smaller."""
+    if isinstance(layer, LoraFactors):
+        return layer.up.flatten(1).double() * (s * layer.scale), layer.down.flatten(1).double()
+    dense = layer.delta(w0).double().flatten(1) * s
+    eye = torch.eye(min(dense.shape), dtype=torch.float64)
+    return (eye, dense) if dense.shape[0] <= dense.shape[1] else (dense, eye)
+
+
+def _check_mergeable(items: list[tuple[Adapter, Any]], scales: list[Scale], base) -> None:
+    """With a base, every adapter must fit it; without one, no layer may need it (DoRA, flat LoHa/LoKr)."""
+    for (ad, _), s in zip(items, scales):
+        if base is not None:
+            check_fits(ad, base)
+            continue
+        for key, layer in ad.layers.items():
+            if s.of(key) and (why := needs_base(layer)):
+                raise ValueError(f"cannot merge layer {key} of {ad.path or 'an unsaved adapter'} without the base "
+                                 f"model: {why}. Pass the base: merge_adapters(..., base=pipe), or `stylelora merge "
+                                 "--base MODEL ...`")
+
+
+def merge_adapters(items: list[tuple[Adapter, Any]], rank: int | None = None, base=None) -> tuple[Adapter, float]:
+    """One adapter whose layers approximate sum_i scale_i * delta_i at `rank` (default: the most rank
+    that sum can have -- the sum of the ranks for LoRA -- which is exact). Returns it (alpha = rank, so
+    scale 1 is the sum) and the relative Frobenius error over all layers. The truncated SVD is taken
+    of a small core, not of the full delta: with B = Qb Rb and A^T = Qa Ra, B A = Qb (Rb Ra^T) Qa^T,
+    and only Rb Ra^T is decomposed. LyCORIS layers enter as their exact dense update; DoRA layers,
+    and LoHa/LoKr layers whose 2-D factors may flatten a conv kernel, need `base` (a base pipeline
+    without adapters fused in) for W0 and the layer's shape."""
     if rank is not None and rank < 1:
         raise ValueError(f"rank must be a positive integer, got {rank}")
     if not items:
         raise ValueError("nothing to merge: give at least one adapter")
     # strengths through each adapter's map: the merged file (which has no map) acts at the raw scales
     scales = [Scale.parse(s).to_raw(read_map(ad.metadata, str(ad.path))) for ad, s in items]
+    _check_mergeable(items, scales, base)
     layers, err2, norm2 = {}, 0.0, 0.0
     for key in dict.fromkeys(k for ad, _ in items for k in ad.layers):
         pairs = [(ad.layers[key], s.of(key)) for (ad, _), s in zip(items, scales) if key in ad.layers and s.of(key)]
         if not pairs:
             continue
-        first: LoraFactors = pairs[0][0]
         having = [ad for ad, _ in items if key in ad.layers]
-        if odd := next((ad for ad in having if ad.layers[key].shape != having[0].layers[key].shape), None):
+        # (with a base, check_fits has compared each layer with it; a flat LyCORIS layer's 2-D shape
+        # then differs from the same layer's 4-D one in another adapter, rightly)
+        odd = None if base is not None else \
+            next((ad for ad in having if ad.layers[key].shape != having[0].layers[key].shape), None)
+        if odd is not None:
             raise ValueError(f"cannot merge {key}: it is {having[0].layers[key].shape} in {having[0].path} but "
                              f"{odd.layers[key].shape} in {odd.path}: the adapters were trained on bases of "
                              "different architectures (merge adapters of one base only)")
-        b = torch.cat([lay.up.flatten(1).double() * (s * lay.scale) for lay, s in pairs], 1)  # (out, R)
-        a = torch.cat([lay.down.flatten(1).double() for lay, _ in pairs], 0)  # (R, in)
+        w0 = resolve_module(base, key).weight.detach().cpu() if base is not None else None
+        shape = tuple(w0.shape) if w0 is not None else pairs[0][0].shape
+        factored = [_factored(lay, s, w0) for lay, s in pairs]
+        b = torch.cat([f[0] for f in factored], 1)  # (out, R)
+        a = torch.cat([f[1] for f in factored], 0)  # (R, in * kh * kw)
         qb, rb = torch.linalg.qr(b)
         qa, ra = torch.linalg.qr(a.T)
         u, sv, vh = torch.linalg.svd(rb @ ra.T)
-        r = min(rank or b.shape[1], len(sv))
+        r = min(rank or sum(lay.rank_bound for lay, _ in pairs), len(sv))
         root = sv[:r].sqrt()
         up, down = ((qb @ u[:, :r]) * root).float(), (root[:, None] * (vh[:r] @ qa.T)).float()
         exact = b @ a
@@ -461,8 +522,8 @@ def merge_adapters(items: list[tuple[Adapter, Any]], rank: int | None = None) ->
                              "lower the scales")
         err2 += float((up.double() @ down.double() - exact).pow(2).sum())
         norm2 += float(exact.pow(2).sum())
-        layers[key] = LoraFactors(down.reshape(r, *first.down.shape[1:]).contiguous(),
-                                up.reshape(up.shape[0], r, *first.up.shape[2:]).contiguous(), alpha=r)
+        layers[key] = LoraFactors(down.reshape(r, *shape[1:]).contiguous(),
+                                  up.reshape(up.shape[0], r, *[1] * (len(shape) - 2)).contiguous(), alpha=r)
     if not layers:
         raise ValueError("every scale is 0: the merged adapter would be empty")
     metas = [ad.metadata for ad, _ in items]

@@ -182,11 +182,13 @@ def _add_raw_scale(p: argparse.ArgumentParser) -> None:
 
 
 def cmd_merge(args) -> None:
-    from .adapters import load_adapter, save_adapter
+    from .adapters import load_adapter, needs_base, save_adapter
     from .blend import merge_adapters
 
     items = [(load_adapter(path), scale) for path, scale in _scaled_specs(args.adapters, args.raw_scale)]
-    merged, rel = merge_adapters(items, rank=args.rank)
+    # DoRA and some LoHa/LoKr layers are exact only against the base: load it only then (or when named)
+    need = args.base or any(needs_base(layer) for ad, _ in items for layer in ad.layers.values())
+    merged, rel = merge_adapters(items, rank=args.rank, base=_load(args) if need else None)
     path = save_adapter(merged, args.out)
     print(f"wrote {path}: {len(items)} adapters merged at rank {merged.rank} "
           f"({len(merged.layers)} layers), relative error {rel:.3g}")
@@ -385,6 +387,7 @@ def _add_adapter_tools(sub) -> None:
     p.add_argument("adapters", nargs="+", metavar="PATH[:SCALE[:TE_SCALE]]")
     p.add_argument("--rank", type=int, default=None, help="rank of the result (default: sum of ranks, exact)")
     _add_raw_scale(p)
+    _add_base(p)  # read only for DoRA / LyCORIS layers that need it, or when given
     p.add_argument("-o", "--out", required=True)
     p.set_defaults(func=cmd_merge)
 

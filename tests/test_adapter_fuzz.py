@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 from hypothesis.errors import InvalidArgument
 from safetensors.torch import save_file
 
-from stylelora.adapters import Adapter, LoraFactors, describe, load_adapter, save_adapter
+from stylelora.adapters import COMPONENTS, Adapter, LoraFactors, describe, load_adapter, save_adapter
 
 FUZZ = settings(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
@@ -45,7 +45,7 @@ def check_file(path: Path) -> Adapter | None:
     _event("loaded")
     assert ad.layers, "loaded an adapter without layers"
     for key, layer in ad.layers.items():
-        assert isinstance(layer, LoraFactors) and key.split(".", 1)[0] in ("unet", "text_encoder"), key
+        assert isinstance(layer, LoraFactors) and key.split(".", 1)[0] in COMPONENTS, key  # SDXL: text_encoder_2
         for t in (layer.down, layer.up):
             assert t.dtype in (torch.float16, torch.bfloat16, torch.float32, torch.float64), (key, t.dtype)
             assert torch.isfinite(t).all(), key

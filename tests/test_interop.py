@@ -424,15 +424,63 @@ def test_diffusers_reads_kohya_clip_layers_only_with_an_out_proj_among_them(tiny
     assert sum("qvo" in getattr(m, "lora_A", {}) for m in pipe.text_encoder.modules()) == 3
 
 
-def test_sdxl_adapters_keep_diffusers_keys_until_their_kohya_names_are_written(tmp_path):
-    """SDXL's kohya layout (lora_te1_/lora_te2_, SAI UNet block names) is not written yet: an SDXL
-    adapter (a text_encoder_2 layer, or sd-scripts' SDXL version string) defaults to diffusers keys,
-    and asking for kohya keys is one clear error instead of SD1-style names no SDXL loader reads."""
-    te2 = Adapter({"text_encoder_2.encoder.layers.0.self_attn.q_proj": LoraFactors(torch.ones(2, 8), torch.ones(8, 2), 2.0)})
-    unet_only = Adapter({"unet.down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k": LoraFactors(
-        torch.ones(2, 8), torch.ones(8, 2), 2.0)}, {"ss_base_model_version": "sdxl_base_v1-0"})
-    for ad in (te2, unet_only):
-        keys = read(save_adapter(ad, tmp_path / "xl.safetensors"))[0]
-        assert all(k.endswith((".lora_A.weight", ".lora_B.weight")) for k in keys), keys
-        with pytest.raises(ValueError, match="SDXL adapter.*not yet: write it with diffusers keys"):
-            save_adapter(ad, tmp_path / "k.safetensors", layout="kohya")
+def test_sdxl_adapters_are_written_with_sd_scripts_sdxl_names(tmp_path, tiny_xl_pipe):
+    """SDXL's kohya layout: SAI UNet block names (counted with the base's layers per block, recorded in
+    the file), lora_te1_ for CLIP-L, lora_te2_ for bigG; read back to the same updates. A UNet-only
+    SDXL adapter is recognised by sd-scripts' SDXL version string."""
+    from stylelora.adapters import XL_LAYERS_KEY, base_metadata, load_adapter
+
+    meta = base_metadata(tiny_xl_pipe)
+    assert meta["ss_base_model_version"] == "sdxl_base_v1-0" and meta[XL_LAYERS_KEY] == "1"
+    layers = {"text_encoder_2.encoder.layers.0.self_attn.q_proj": LoraFactors(torch.randn(2, 40), torch.randn(40, 2), 2.0),
+              "text_encoder.encoder.layers.1.mlp.fc1": LoraFactors(torch.randn(2, 24), torch.randn(96, 2), 2.0),
+              "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k":
+                  LoraFactors(torch.randn(2, 64), torch.randn(128, 2), 2.0),
+              "unet.up_blocks.1.attentions.1.proj_out": LoraFactors(torch.randn(2, 64), torch.randn(64, 2), 2.0)}
+    for ad in (Adapter(dict(layers), dict(meta)), Adapter({k: v for k, v in layers.items() if k.startswith("unet.")},
+                                                         dict(meta))):
+        path = save_adapter(ad, tmp_path / "xl.safetensors")
+        names = {k.split(".")[0] for k in read(path)[0]}
+        want = {"lora_unet_input_blocks_3_1_transformer_blocks_0_attn2_to_k", "lora_unet_output_blocks_3_1_proj_out"}
+        if len(ad.layers) == 4:
+            want |= {"lora_te2_text_model_encoder_layers_0_self_attn_q_proj", "lora_te1_text_model_encoder_layers_1_mlp_fc1"}
+        assert names == want
+        back = load_adapter(path)
+        assert set(back.layers) == set(ad.layers)
+        assert all(torch.allclose(back.layers[k].delta(), ad.layers[k].delta()) for k in ad.layers)
+
+
+def test_an_adapter_for_the_other_architecture_is_one_clear_error(tmp_path, tiny_xl_pipe, tiny_random_pipe):
+    from stylelora.adapters import base_metadata, check_fits
+
+    xl = Adapter({"text_encoder_2.encoder.layers.0.self_attn.q_proj": LoraFactors(torch.ones(2, 40), torch.ones(40, 2), 2.0)})
+    with pytest.raises(ValueError, match="is an SDXL LoRA .* this base is SD 1.x/2.x: load it on an SDXL base"):
+        check_fits(xl, tiny_random_pipe)
+    sd1 = Adapter({"unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q":
+                   LoraFactors(torch.ones(2, 64), torch.ones(64, 2), 2.0)}, base_metadata(tiny_random_pipe))
+    with pytest.raises(ValueError, match="is an SD 1.x/2.x LoRA .* this base is SDXL: load it on an SD 1.x/2.x base"):
+        check_fits(sd1, tiny_xl_pipe)
+
+
+def test_sdxl_kohya_files_with_diffusers_style_unet_names_load(tmp_path):
+    """Some SDXL trainers name UNet modules the diffusers way (lora_unet_down_blocks_...) beside
+    lora_te1_/lora_te2_: those read to the same layers as the SAI spelling."""
+    from safetensors.torch import save_file
+
+    from stylelora.adapters import load_adapter
+
+    torch.manual_seed(0)
+    names = {"lora_unet_down_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k":
+             "unet.down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k",
+             "lora_te1_text_model_encoder_layers_1_self_attn_out_proj": "text_encoder.encoder.layers.1.self_attn.out_proj",
+             "lora_te2_text_model_encoder_layers_0_mlp_fc2": "text_encoder_2.encoder.layers.0.mlp.fc2"}
+    tensors = {}
+    for name in names:
+        tensors |= {f"{name}.lora_down.weight": torch.randn(2, 16), f"{name}.lora_up.weight": torch.randn(8, 2),
+                    f"{name}.alpha": torch.tensor(1.0)}
+    save_file(tensors, str(tmp_path / "xl.safetensors"), metadata={"ss_base_model_version": "sdxl_base_v1-0"})
+    ad = load_adapter(tmp_path / "xl.safetensors")
+    assert {names[k] for k in names} == set(ad.layers)
+    for name, key in names.items():
+        want = tensors[f"{name}.lora_up.weight"] @ tensors[f"{name}.lora_down.weight"] * 0.5
+        assert torch.allclose(ad.layers[key].delta(), want)
