@@ -54,7 +54,7 @@ def test_mask_folder_and_alpha_channel_sources(tmp_path):
     Image.fromarray(rgba, "RGBA").save(ds / "sub" / "b.png")
     (ds / "sub" / "b.txt").write_text("b")
     rgb(ds / "c.jpg")
-    Image.new("RGB", (16, 16), (255, 255, 255)).save(ds / "masks" / "c.png")  # colour file: its luminance
+    Image.new("RGB", (16, 16), (255, 0, 0)).save(ds / "masks" / "c.png")  # colour file: its luminance
     both = Image.new("RGBA", (16, 16), (10, 10, 10, 0))  # alpha all 0, but its mask file wins
     both.save(ds / "d.png")
     (ds / "d.txt").write_text("d")
@@ -67,7 +67,7 @@ def test_mask_folder_and_alpha_channel_sources(tmp_path):
     assert masks["a.png"].shape == (1, 16, 16) and masks["a.png"].dtype == torch.float32
     assert torch.equal(masks["a.png"][0, 5], torch.arange(16) * 17 / 255.0)
     assert torch.equal(masks["sub/b.png"][0], torch.cat([torch.ones(8, 16), torch.zeros(8, 16)]))
-    assert torch.equal(masks["c.jpg"], torch.ones(1, 16, 16))
+    assert torch.equal(masks["c.jpg"], torch.full((1, 16, 16), 76 / 255.0))  # PIL's L of pure red
     assert torch.equal(masks["d.png"], torch.full((1, 16, 16), 128 / 255.0))
 
     # A folder elsewhere, by --mask-dir: same layout, any image type.
