@@ -9,7 +9,7 @@ not the style), with a mask per image in OUT/data/masks that is white on the rig
 trains that folder twice with the default settings, with and without --masked-loss, and scores both
 adapters at strength 1 with the judge on held-out prompts (`stylelora eval --adapter A:1 --json`):
 how often STYLE shows, and how often OTHER leaks in. Writes bench/results/masked.md.
-About 8 min on 2 cores (two default trainings); --build-only stops after writing the dataset.
+About 10 min on 2 cores (two default trainings); --build-only stops after writing the dataset.
 """
 
 from __future__ import annotations
