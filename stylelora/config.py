@@ -87,6 +87,13 @@ class TrainConfig:
     bucket: bool = _opt(True, "aspect-ratio buckets for images of mixed shapes (off: square crops)")
     random_crop: bool = _opt(False, "random instead of center crops (turns off the latent cache)")
     flip: bool = _opt(False, "random horizontal flips (turns off the latent cache)")
+    # Masked loss, as kohya's --masked_loss / alpha_mask: a gray mask per image weights the loss per
+    # latent pixel, so a style can be learnt from part of an image. Sources and checks: data.find_masks.
+    masked_loss: bool = _opt(False, "weight the loss per pixel by a mask (white = learn, black = ignore, gray "
+                                    "weights): a same-stem grayscale image in the mask folder, else the image's "
+                                    "alpha channel; an image with neither is an error")
+    mask_dir: str | None = _opt(None, "with --masked-loss: the folder of masks, laid out like the dataset (same "
+                                      "relative path and stem, any image type); unset = DATASET/masks")
     # LoRA
     # attn-ff (self- and cross-attention and feed-forward) rather than cross-attention alone: as good
     # alone and it stacks (README, "Stacking": both styles seen on 63-83% of prompts instead of 19-56%).
@@ -183,6 +190,8 @@ class TrainConfig:
              "(0 would delete each checkpoint as it is written): use checkpoint_every = 0 for none")
         need(self.targets in UNET_PRESETS, f"targets {self.targets!r} unknown: use one of {sorted(UNET_PRESETS)}")
         need(str(self.out).endswith(".safetensors"), f"out must end in .safetensors, got {self.out!r}")
+        need(self.mask_dir is None or self.masked_loss, f"mask_dir ({self.mask_dir}) is set but masked_loss is off: "
+             "add --masked-loss (or drop --mask-dir)")
 
     @property
     def effective_alpha(self) -> float:
@@ -196,7 +205,8 @@ class TrainConfig:
     def summary(self) -> dict:
         """What goes into the adapter's metadata and checkpoints: reproducible settings, no local
         paths (the dataset and base by name only: the folder's or file's name, or "embedded")."""
-        skip = {"out", "run_dir", "resume", "progress", "device", "sample_prompts", "base_config"}
+        # mask_dir: a local path; which masks trained is in the dataset fingerprint (checkpoints).
+        skip = {"out", "run_dir", "resume", "progress", "device", "sample_prompts", "base_config", "mask_dir"}
         out = {k: v for k, v in dataclasses.asdict(self).items() if k not in skip}
         out["dataset"] = _name_only(self.dataset)
         out["base"] = ("embedded" if self.base is None or self.base in EMBEDDED_BASE_NAMES else

@@ -6,6 +6,7 @@ Folder layout (searched recursively; names starting with "." are ignored):
       a.png  a.txt                  image + same-stem caption (UTF-8; a BOM is accepted)
       3_style/b.jpg  3_style/b.txt  kohya-style repeats: see below
       metadata.jsonl                optional: {"file_name": "a.png", "text": "a caption"} per line
+      masks/a.png                   masked loss: a.png's mask (white = learn); see find_masks
       style.run/                    a stylelora run folder (loss curve, sample grids): never searched
 
 - Captions: a line of metadata.jsonl (diffusers imagefolder convention, file_name relative to
@@ -92,8 +93,11 @@ class _Skip(Exception):
 
 # ----------------------------------------------------------------------------- discovery
 
-def discover(root: str | os.PathLike, caption_ext: str = ".txt") -> tuple[list[Item], list[tuple[Path, str]]]:
-    """Usable images under `root` (sorted by relative path) and the (path, reason) of skipped ones."""
+def discover(root: str | os.PathLike, caption_ext: str = ".txt",
+             mask_dir: str | os.PathLike | None = None) -> tuple[list[Item], list[tuple[Path, str]]]:
+    """Usable images under `root` (sorted by relative path) and the (path, reason) of skipped ones.
+    Masks are not training images: `mask_dir` (masked loss on) is skipped when it lies inside root,
+    and so is root/masks when every image in it mirrors one outside it (masks for a later run)."""
     root = Path(root)
     if not caption_ext.startswith(".") or caption_ext.lower() in IMAGE_EXTS:
         raise ValueError(f"caption_ext must be a non-image extension starting with a dot, got {caption_ext!r}: "
@@ -105,7 +109,7 @@ def discover(root: str | os.PathLike, caption_ext: str = ".txt") -> tuple[list[I
         raise ValueError(f"dataset {root} is a file, not a folder: pass the folder that holds the images")
     meta = _read_metadata(root / METADATA)
     items, skipped = [], []
-    rels = _image_files(root, skipped)
+    rels = _without_masks(root, _image_files(root, skipped), mask_dir, skipped)
     for rel in rels:
         path = root / rel
         try:
@@ -126,6 +130,41 @@ def discover(root: str | os.PathLike, caption_ext: str = ".txt") -> tuple[list[I
         why = _first([f"{p.name}: {r.split(';')[0]}" for p, r in skipped])
         raise ValueError(f"no usable image in {root}: {len(skipped)} file(s) skipped ({why}); fix or replace them")
     return items, skipped
+
+
+def _without_masks(root: Path, rels: list[str], mask_dir: str | os.PathLike | None,
+                   skipped: list[tuple[Path, str]]) -> list[str]:
+    """`rels` without the images of mask folders inside root, each folder one line in `skipped`: the
+    masked loss's `mask_dir`, and root/masks when every image in it mirrors one outside it (masks
+    kept for a masked run, or for another mask_dir's run)."""
+    if mask_dir is not None:
+        rels = _leave_out(root, rels, Path(mask_dir), skipped, mirrors_only=False)
+    return _leave_out(root, rels, root / MASK_DIR, skipped, mirrors_only=True)
+
+
+def _leave_out(root: Path, rels: list[str], folder: Path, skipped: list[tuple[Path, str]],
+               mirrors_only: bool) -> list[str]:
+    try:
+        prefix = folder.resolve().relative_to(root.resolve()).as_posix() + "/"
+    except (ValueError, OSError):  # outside the dataset: nothing to leave out
+        return rels
+    if prefix == "./":
+        raise ValueError(f"the mask folder {folder} is the dataset folder itself: put the masks in a folder of "
+                         f"their own (the default is {root / MASK_DIR})")
+    masks = [r for r in rels if r.startswith(prefix)]
+    rest = [r for r in rels if not r.startswith(prefix)]
+    if not masks:
+        return rels
+    if mirrors_only:
+        stems = {os.path.splitext(r)[0] for r in rest}
+        if not all(os.path.splitext(r[len(prefix):])[0] in stems for r in masks):
+            return rels
+        why = ("a mask folder (each image in it has a same-stem image in the dataset), not training data; "
+               "masks are used with masked_loss (--masked-loss)")
+    else:
+        why = "the mask folder of the masked loss, not training data"
+    skipped.append((root / prefix.rstrip("/"), why))
+    return rest
 
 
 def _image_files(root: Path, skipped: list[tuple[Path, str]] | None = None) -> list[str]:
@@ -467,11 +506,22 @@ def crop_geometry(size: tuple[int, int], bucket: tuple[int, int], rng: random.Ra
 def fit_to_bucket(img: Image.Image, size: tuple[int, int], rng: random.Random | None = None,
                   random_crop: bool = False, flip: bool = False) -> Image.Image:
     """Resize (keeping aspect) to cover `size`, crop to it (centre or random), maybe mirror."""
-    (nw, nh), (left, top), flipped = crop_geometry(img.size, size, rng, random_crop, flip)
+    return apply_crop(img, size, crop_geometry(img.size, size, rng, random_crop, flip))
+
+
+def apply_crop(img: Image.Image, size: tuple[int, int], geometry, mask: bool = False) -> Image.Image:
+    """`img` resized, cropped to `size` (w, h) and mirrored as `geometry` (crop_geometry's) says: one
+    geometry serves an image and its mask, so the two stay aligned pixel for pixel. Images: Lanczos
+    for downscaling (sharp, no aliasing), bicubic for enlarging (rings less). Masks: area average for
+    downscaling, bilinear for enlarging: neither rings, so black stays exactly 0 away from an edge."""
+    (nw, nh), (left, top), flipped = geometry
     if (nw, nh) != img.size:
-        # Lanczos for downscaling (sharp, no aliasing); bicubic rings less when enlarging.
         down = max(size[0] / img.size[0], size[1] / img.size[1]) < 1
-        img = img.resize((nw, nh), Image.Resampling.LANCZOS if down else Image.Resampling.BICUBIC)
+        if mask:
+            resample = Image.Resampling.BOX if down else Image.Resampling.BILINEAR
+        else:
+            resample = Image.Resampling.LANCZOS if down else Image.Resampling.BICUBIC
+        img = img.resize((nw, nh), resample)
     img = img.crop((left, top, left + size[0], top + size[1]))
     return img.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if flipped else img
 
@@ -484,6 +534,102 @@ def micro_conditioning(size: tuple[int, int], bucket: tuple[int, int], rng: rand
     if flipped:
         left = nw - left - bucket[0]
     return [size[1], size[0], top, left, bucket[1], bucket[0]]
+
+
+# ----------------------------------------------------------------------------- masks
+#
+# Masked loss (kohya's --masked_loss and alpha_mask): a gray mask per image weights the diffusion
+# loss per latent pixel, white = learn, black = ignore, gray in between. A mask comes from a file in
+# the mask folder at the image's relative path and stem (any image type: masks/sub/a.png for
+# sub/a.jpg), else from the image's alpha channel; an image with neither is an error (as kohya's
+# mask folder is: training it whole would teach exactly what its mask was meant to hide).
+
+MASK_DIR = "masks"  # the default mask folder, directly in the dataset
+ALPHA = "alpha"  # a mask source: the image's own alpha channel
+
+
+def load_mask(path: str | os.PathLike, like: Item | None = None) -> Image.Image:
+    """A mask file as 8-bit gray ("L"), upright: its gray level (luminance for a colour file; 16-bit
+    and float scaled as images are; its own transparency ignored). With `like` (the image it masks),
+    a mask of another size is refused, naming both files, before it is decoded."""
+    try:
+        with Image.open(path) as im:
+            im.seek(0)
+            if like is not None:
+                w, h = im.size
+                size = (h, w) if im.getexif().get(_ORIENTATION, 1) in (5, 6, 7, 8) else (w, h)
+                if size != like.size:  # _Skip: passes the decoding errors' handler below
+                    raise _Skip(f"mask {path} is {size[0]}x{size[1]} but its image {like.path} is "
+                                f"{like.size[0]}x{like.size[1]}: a mask must have its image's size; resize it to match")
+            im = ImageOps.exif_transpose(im)
+            if im.mode in ("I", "F") or im.mode.startswith("I;16"):
+                return Image.fromarray(_to_8bit(np.asarray(im), im.mode), "L")
+            return im.convert("L")
+    except _Skip as e:
+        raise ValueError(str(e)) from None
+    except (OSError, SyntaxError, ValueError, EOFError, struct.error) as e:
+        raise ValueError(f"cannot read mask {path} ({e}); save it again as a grayscale PNG (white = learn, "
+                         "black = ignore)") from None
+
+
+def load_alpha(path: str | os.PathLike) -> Image.Image | None:
+    """The image's alpha channel (alpha modes and tRNS transparency) as "L", upright; None without one."""
+    try:
+        with Image.open(path) as im:
+            im.seek(0)
+            if im.mode not in _ALPHA_MODES and "transparency" not in im.info:
+                return None
+            return ImageOps.exif_transpose(im).convert("RGBA").getchannel("A")
+    except (OSError, SyntaxError, ValueError, EOFError, struct.error) as e:
+        raise ValueError(f"cannot read image {path} ({e}); export it again or delete it") from None
+
+
+def find_masks(items: list[Item], mask_dir: Path) -> tuple[list[Path | str], list[str]]:
+    """Each item's mask source (its file in mask_dir, or ALPHA) and report lines: a count, and
+    warnings for all-black masks (they teach nothing) and mask files that match no image. Every
+    mask is decoded once here, so a bad one fails now, naming itself, not hours into a run."""
+    by_stem: dict[str, list[Path]] = defaultdict(list)
+    if mask_dir.is_dir():
+        for rel in _image_files(mask_dir):
+            by_stem[os.path.splitext(rel)[0]].append(mask_dir / rel)
+    sources, missing, black, used = [], [], [], set()
+    for it in items:
+        stem = os.path.splitext(it.rel)[0]
+        found = by_stem.get(stem, [])
+        if len(found) > 1:
+            raise ValueError(f"several masks for {it.path}: {', '.join(map(str, found))}; keep one")
+        mask = load_mask(found[0], like=it) if found else load_alpha(it.path)
+        if mask is None:
+            missing.append(it.rel)
+            continue
+        used.add(stem)
+        sources.append(found[0] if found else ALPHA)
+        if mask.getextrema()[1] == 0:
+            black.append(str(found[0]) if found else f"{it.path} (alpha channel)")
+    if missing:
+        example = mask_dir / (os.path.splitext(missing[0])[0] + ".png")
+        has = "has" if len(missing) == 1 else "have"
+        raise ValueError(f"masked loss is on, but {_plural(len(missing), 'image')} {has} no mask "
+                         f"({_first(missing)}): add a grayscale mask (white = learn, black = ignore) of "
+                         f"the same size at the same relative path in {mask_dir} (e.g. {example}"
+                         f"{'' if mask_dir.is_dir() else ', a folder that does not exist yet'}), or save the image "
+                         "with transparency; or turn masked_loss (--masked-loss) off")
+    return sources, _mask_notes(sources, mask_dir, black, [str(p) for s in sorted(set(by_stem) - used)
+                                                           for p in by_stem[s]])
+
+
+def _mask_notes(sources: list[Path | str], mask_dir: Path, black: list[str], unused: list[str]) -> list[str]:
+    files = sum(s != ALPHA for s in sources)
+    lines = [f"masked loss: {_plural(files, 'mask file')} (in {mask_dir}), "
+             f"{_plural(len(sources) - files, 'alpha channel')}"]
+    if black:
+        lines.append(f"warning: {_plural(len(black), 'mask')} {'is' if len(black) == 1 else 'are'} all black, so "
+                     f"{'its image teaches' if len(black) == 1 else 'their images teach'} nothing ({_first(black)}); "
+                     "paint what to learn white, or remove the image")
+    if unused:
+        lines.append(f"warning: {_plural(len(unused), 'mask')} in {mask_dir} match{'es' if len(unused) == 1 else ''} "
+                     f"no image ({_first(unused)}); give each mask its image's relative path and stem")
+    return lines
 
 
 # ----------------------------------------------------------------------------- captions
@@ -560,13 +706,23 @@ def assign_bucket(w: int, h: int, buckets: list[tuple[int, int]]) -> tuple[int, 
 # ----------------------------------------------------------------------------- dataset
 
 class CaptionFolder(Dataset):
-    """Samples {"pixel_values", "caption", "index", "bucket"} from a folder (see the module docstring)."""
+    """Samples {"pixel_values", "caption", "index", "bucket"} from a folder (see the module docstring),
+    and with `masks` a "mask" per sample: its image's mask (see find_masks) under the same crop."""
 
     def __init__(self, root: str | os.PathLike, resolution: int = 64, caption_ext: str = ".txt",
                  captions: CaptionProcessor = CaptionProcessor(), bucket: bool = True, bucket_step: int = 8,
-                 random_crop: bool = False, flip: bool = False, seed: int = 0):
+                 random_crop: bool = False, flip: bool = False, seed: int = 0, masks: bool = False,
+                 mask_dir: str | os.PathLike | None = None):
         self.root = Path(root)
-        self.items, self.skipped = discover(self.root, caption_ext)
+        if mask_dir is not None and not masks:
+            raise ValueError(f"a mask folder ({mask_dir}) is given but masks are off: turn masked_loss on")
+        self.mask_dir = (Path(mask_dir) if mask_dir is not None else self.root / MASK_DIR) if masks else None
+        if mask_dir is not None and not Path(mask_dir).is_dir():
+            raise FileNotFoundError(f"mask folder {mask_dir} does not exist: check the path (it should hold a "
+                                    "grayscale mask per image, at the image's relative path and stem)")
+        self.items, self.skipped = discover(self.root, caption_ext, self.mask_dir)
+        # An image's mask: its file, or ALPHA (the image's alpha channel). Report lines for the masks.
+        self.mask_sources, self.mask_notes = find_masks(self.items, self.mask_dir) if masks else ([], [])
         self.captions = captions  # frozen, so the shared default instance is safe
         self.buckets = make_buckets(resolution, bucket_step)  # validates resolution even without buckets
         if not bucket:
@@ -596,10 +752,19 @@ class CaptionFolder(Dataset):
         out["time_ids"] = micro_conditioning(self.items[k].size, bucket, random.Random(pix_seed), self.random_crop,
                                              self.flip)
         if pixels:
-            pix_rng = random.Random(pix_seed)
-            img = fit_to_bucket(load_image(self.items[k].path), bucket, pix_rng, self.random_crop, self.flip)
+            img = load_image(self.items[k].path)
+            geometry = crop_geometry(img.size, bucket, random.Random(pix_seed), self.random_crop, self.flip)
+            img = apply_crop(img, bucket, geometry)
             out["pixel_values"] = torch.from_numpy(np.asarray(img, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1.0
+            if self.mask_dir is not None:  # the same crop as the image: the mask stays on its pixels
+                mask = apply_crop(self.load_mask(k), bucket, geometry, mask=True)
+                out["mask"] = torch.from_numpy(np.asarray(mask, dtype=np.float32))[None] / 255.0  # (1, H, W)
         return out
+
+    def load_mask(self, k: int) -> Image.Image:
+        """Image k's mask, "L", at the image's size (checked again: the files may have changed)."""
+        source = self.mask_sources[k]
+        return load_alpha(self.items[k].path) if source == ALPHA else load_mask(source, like=self.items[k])
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -628,7 +793,7 @@ class CaptionFolder(Dataset):
     @property
     def report(self) -> str:
         counts = Counter(self.bucket_of(i) for i in range(len(self)))
-        return format_report(self.items, self.skipped) + "\nbuckets: " + ", ".join(
+        return "\n".join([format_report(self.items, self.skipped), *self.mask_notes]) + "\nbuckets: " + ", ".join(
             f"{w}x{h} ({n})" for (w, h), n in sorted(counts.items()))
 
     def summary(self) -> dict:
@@ -641,6 +806,9 @@ class CaptionFolder(Dataset):
         h = hashlib.sha256()
         for it in self.items:
             h.update(f"{it.rel}\t{it.repeats}\t{it.caption}\t{it.size}\t{it.path.stat().st_size}\n".encode())
+        for source in self.mask_sources:  # masks on: which masks, by name and size in bytes
+            mask = "alpha" if source == ALPHA else f"{source.relative_to(self.mask_dir)}\t{source.stat().st_size}"
+            h.update(f"mask\t{mask}\n".encode())
         return h.hexdigest()[:16]
 
     def caption_for_sampling(self, k: int) -> str:

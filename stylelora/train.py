@@ -63,6 +63,26 @@ def _snr_weights(alphas_cumprod: torch.Tensor, t: torch.Tensor, gamma: float, v_
     return torch.where(snr > 0, w, torch.zeros_like(w) if v_pred else torch.ones_like(w))
 
 
+def _latent_mask(mask: torch.Tensor, latent_hw) -> torch.Tensor:
+    """A pixel mask (1, H, W) at the latent grid's size, each latent pixel the mean of the pixels it
+    covers (bucket sides are multiples of the VAE factor, so exactly its block), as kohya does."""
+    return F.interpolate(mask[None], size=tuple(latent_hw), mode="area")[0]  # (1, h, w)
+
+
+def _per_sample_mse(pred: torch.Tensor, target: torch.Tensor, masks: torch.Tensor | None) -> torch.Tensor:
+    """Mean squared error per sample (B,). With masks (n, 1, h, w) for the first n samples, each
+    latent pixel's error is weighted by its mask value and divided by the element count, not by
+    the mask's sum, as kohya does: a pixel's weight then never depends on the rest of its mask (a
+    mask with 1% white would otherwise train those pixels 100x as hard), an all-white mask is the
+    plain loss bit for bit, and learning rates carry over. The samples past n (prior preservation's
+    neutral half, whose target is the base's prediction, valid everywhere) weigh every pixel fully."""
+    err = F.mse_loss(pred, target, reduction="none")  # (B, C, h, w)
+    if masks is not None:
+        full = masks.new_ones((len(err) - len(masks), *masks.shape[1:]))
+        err = err * torch.cat([masks, full])  # (B, 1, h, w) broadcasts over the channels
+    return err.mean(dim=(1, 2, 3))
+
+
 def _make_optimizer(cfg: TrainConfig, groups):
     if cfg.optimizer == "adamw8bit":
         try:
@@ -232,6 +252,8 @@ class _Run:
             raise ValueError("no dataset: set TrainConfig.dataset to a folder of images with same-stem captions")
         if not Path(cfg.dataset).is_dir():
             discover(cfg.dataset, cfg.caption_ext)  # raises, naming the path and the fix
+        if cfg.mask_dir is not None and not Path(cfg.mask_dir).is_dir():
+            raise FileNotFoundError(f"mask folder {cfg.mask_dir} does not exist: check --mask-dir")
         _check_outputs(cfg)
         # What is at `out` now: the user's earlier adapter, replaced at the end as usual. A file that
         # appears there (or changes) while this run trains is someone else's and is kept.
@@ -272,7 +294,8 @@ class _Run:
                              captions=CaptionProcessor(cfg.trigger, cfg.shuffle_captions, cfg.keep_tokens,
                                                        cfg.caption_dropout),
                              bucket=cfg.bucket, bucket_step=self.pipe.vae_scale_factor,
-                             random_crop=cfg.random_crop, flip=cfg.flip, seed=cfg.seed)
+                             random_crop=cfg.random_crop, flip=cfg.flip, seed=cfg.seed,
+                             masks=cfg.masked_loss, mask_dir=cfg.mask_dir)
         if self.accel.is_main_process:
             print("\n".join([data.report, *data.long_captions(self.tok)]))
         return data
@@ -326,6 +349,7 @@ class _Run:
         self.cache_latents = cfg.cache and data.deterministic_pixels
         self.cache_text = cfg.cache and data.cacheable_captions and not self.t_targets
         self.latent_cache: dict[int, torch.Tensor] = {}
+        self.mask_cache: dict[int, torch.Tensor] = {}  # masked loss: latent-sized masks, cached with the latents
         self.text_cache: dict[str, torch.Tensor] = {}
         # Models in train mode only for LoRA dropout; base layers have no dropout/batchnorm to disturb.
         self.unet, self.te, self.optimizer = accel.prepare(self.unet, self.te, self.optimizer)
@@ -370,21 +394,27 @@ class _Run:
         batches = self.epochs[epoch]
         return batches[(k * self.accel.num_processes + self.accel.process_index) % len(batches)]
 
-    def _batch(self, micro: int) -> tuple[torch.Tensor, list[str], torch.Tensor]:
-        """Latents, captions and SDXL micro-conditioning (add_time_ids, (B, 6)) of micro-batch `micro`."""
-        data, batch = self.data, self._batch_indices(micro)
+    def _batch(self, micro: int) -> tuple[torch.Tensor, list[str], torch.Tensor, torch.Tensor | None]:
+        """Latents, captions, SDXL micro-conditioning (add_time_ids, (B, 6)) and (masked loss)
+        latent-sized masks (B, 1, h, w) of micro-batch `micro`."""
+        data, batch, masked = self.data, self._batch_indices(micro), self.cfg.masked_loss
         if self.cache_latents:  # keyed by image: repeats share one latent, and cached images are not decoded
             items = [data.sample(i, pixels=data.item_of(i) not in self.latent_cache) for i in batch]
             missing = {it["item"]: it for it in items if "pixel_values" in it}
             if missing:
                 lat = self._encode_images(torch.stack([it["pixel_values"] for it in missing.values()]))
                 self.latent_cache.update({k: l.cpu() for k, l in zip(missing, lat)})
+                if masked:  # as deterministic as the pixels: cached beside their latents
+                    self.mask_cache.update({k: _latent_mask(it["mask"], lat.shape[-2:]) for k, it in missing.items()})
             latents = torch.stack([self.latent_cache[it["item"]] for it in items]).to(self.dev)
+            masks = [self.mask_cache[it["item"]] for it in items] if masked else None
         else:
             items = [data.sample(i) for i in batch]
             latents = self._encode_images(torch.stack([it["pixel_values"] for it in items]))
+            masks = [_latent_mask(it["mask"], latents.shape[-2:]) for it in items] if masked else None
         time_ids = torch.tensor([it["time_ids"] for it in items], dtype=torch.float32, device=self.dev)
-        return latents, [it["caption"] for it in items], time_ids
+        masks = None if masks is None else torch.stack(masks).to(self.dev)
+        return latents, [it["caption"] for it in items], time_ids, masks
 
     @torch.no_grad()
     def _encode_images(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -434,7 +464,7 @@ class _Run:
         # One seed per (run, step, micro-batch, process): resume replays the same draws.
         torch.manual_seed(_seed_for(cfg.seed, micro, accel.process_index))
         gen = torch.Generator().manual_seed(_seed_for(cfg.seed, micro, accel.process_index, "noise"))
-        latents, captions, time_ids = self._batch(micro)
+        latents, captions, time_ids, masks = self._batch(micro)
         strength = self._strength(micro)
         self._set_lora_strength(strength)
         try:
@@ -454,7 +484,7 @@ class _Run:
                 pred = self._predict(self.unet, noisy, t, cond, time_ids)
             finally:
                 self._set_lora_strength(1.0)
-            loss = F.mse_loss(pred, target.float(), reduction="none").mean(dim=(1, 2, 3))
+            loss = _per_sample_mse(pred, target.float(), masks)
             if cfg.min_snr_gamma:
                 loss = loss * _snr_weights(self.alphas_cumprod, t, cfg.min_snr_gamma, self.v_pred)
             loss = loss[:n].mean() + (cfg.preserve_weight * loss[n:].mean() if cfg.preserve_weight else 0)
