@@ -308,6 +308,9 @@ def pretrain(out: str | Path, cfg: PretrainConfig | None = None, stages=("judge"
             if arch == "sdxl" and sd_unet is None:
                 from diffusers import UNet2DConditionModel
 
+                if not (out / "base" / "unet").is_dir():
+                    raise ValueError(f"stage unet-xl starts from the SD base's UNet, and {out / 'base' / 'unet'} is "
+                                     "missing: run --stages unet,unet-xl (or the default stages)")
                 sd_unet = UNet2DConditionModel.from_pretrained(out / "base" / "unet", use_safetensors=True)
             t = time.time()
             encoders, unet = train_unet(cfg, vae, tokenizer, arch, init_unet=sd_unet)
