@@ -18,19 +18,25 @@ def base_pipe():
     return load_base()
 
 
-@pytest.fixture(scope="session")
-def tiny_random_pipe():
-    """A random-weight pipeline of the embedded architecture, for tests that need no training."""
-    from stylelora.world.models import make_text_encoder, make_unet, make_vae
+def _tiny_pipe(xl: bool):
+    from stylelora.world.models import make_text_encoder, make_text_encoders_xl, make_unet, make_unet_xl, make_vae
     from stylelora.world.pretrain import build_pipeline
     from stylelora.world.tokenizer import build_tokenizer
 
     torch.manual_seed(0)
     tok = build_tokenizer()
-    pipe = build_pipeline(make_vae(), make_text_encoder(len(tok), tok.bos_token_id, tok.eos_token_id),
-                          tok, make_unet())
+    ids = (len(tok), tok.bos_token_id, tok.eos_token_id)
+    vae = make_vae()  # built in this order: the random weights are the same as they always were
+    encoders = make_text_encoders_xl(*ids) if xl else make_text_encoder(*ids)
+    pipe = build_pipeline(vae, encoders, tok, make_unet_xl() if xl else make_unet())
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+@pytest.fixture(scope="session")
+def tiny_random_pipe():
+    """A random-weight pipeline of the embedded architecture, for tests that need no training."""
+    return _tiny_pipe(xl=False)
 
 
 @pytest.fixture(scope="session")
@@ -44,16 +50,7 @@ def tiny_base(tmp_path_factory, tiny_random_pipe):
 @pytest.fixture(scope="session")
 def tiny_xl_pipe():
     """A random-weight pipeline of the embedded SDXL architecture (two text encoders, text_time)."""
-    from stylelora.world.models import make_text_encoders_xl, make_unet_xl, make_vae
-    from stylelora.world.pretrain import build_pipeline
-    from stylelora.world.tokenizer import build_tokenizer
-
-    torch.manual_seed(0)
-    tok = build_tokenizer()
-    pipe = build_pipeline(make_vae(), make_text_encoders_xl(len(tok), tok.bos_token_id, tok.eos_token_id),
-                          tok, make_unet_xl())
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return _tiny_pipe(xl=True)
 
 
 @pytest.fixture(scope="session")

@@ -77,31 +77,16 @@ def make_unet_xl():
     """The SD1 UNet's blocks with SDXL's conditioning: cross-attention over both encoders'
     concatenated embeddings, linear attention projections, and the `text_time` embedding of the
     pooled text plus (original size, crop offset, target size)."""
+    return make_unet(cross_attention_dim=sum(XL_TEXT_DIMS), use_linear_projection=True, addition_embed_type="text_time",
+                     addition_time_embed_dim=XL_TIME_DIM,
+                     projection_class_embeddings_input_dim=XL_POOLED_DIM + 6 * XL_TIME_DIM)
+
+
+def make_unet(**xl):
+    """The SD base's UNet; `xl` adds SDXL's conditioning (make_unet_xl)."""
     from diffusers import UNet2DConditionModel
 
-    return UNet2DConditionModel(
-        sample_size=RESOLUTION // 8,
-        in_channels=4,
-        out_channels=4,
-        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        mid_block_type="UNetMidBlock2DCrossAttn",
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-        block_out_channels=(64, 128),
-        layers_per_block=1,
-        cross_attention_dim=sum(XL_TEXT_DIMS),
-        attention_head_dim=8,
-        norm_num_groups=32,
-        use_linear_projection=True,
-        addition_embed_type="text_time",
-        addition_time_embed_dim=XL_TIME_DIM,
-        projection_class_embeddings_input_dim=XL_POOLED_DIM + 6 * XL_TIME_DIM,
-    )
-
-
-def make_unet():
-    from diffusers import UNet2DConditionModel
-
-    return UNet2DConditionModel(
+    return UNet2DConditionModel(**{**dict(
         sample_size=RESOLUTION // 8,
         in_channels=4,
         out_channels=4,
@@ -113,7 +98,7 @@ def make_unet():
         cross_attention_dim=TEXT_DIM,
         attention_head_dim=8,
         norm_num_groups=32,
-    )
+    ), **xl})
 
 
 def make_schedulers():
