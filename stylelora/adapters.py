@@ -53,8 +53,10 @@ JSON_TYPES = {DIFFUSERS_META_KEY: dict, PREFIX + "rank": (int, float), PREFIX + 
 JSON_KEYS = tuple(JSON_TYPES)
 KOHYA_PREFIXES = ("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")
 LAYOUTS = ("kohya", "diffusers")  # what save_adapter writes; the first is the default
-# kohya metadata that describes the base model: kept through conversions and merges of one base.
-BASE_KEYS = ("ss_v2", "ss_base_model_version", "ss_v_parameterization", "ss_zero_terminal_snr", "ss_sd_model_name")
+XL_LAYERS_KEY = PREFIX + "unet_layers_per_block"  # how an SDXL file's SAI block names were counted
+# Metadata that describes the base model: kept through conversions and merges of one base.
+BASE_KEYS = ("ss_v2", "ss_base_model_version", "ss_v_parameterization", "ss_zero_terminal_snr", "ss_sd_model_name",
+             XL_LAYERS_KEY)
 # kohya metadata that describes the file's own tensors: recomputed on every write.
 _KOHYA_DERIVED = ("ss_network_module", "ss_network_dim", "ss_network_alpha", "ss_output_name", "sshs_")
 SD1_TEXT_WIDTH, SD2_TEXT_WIDTH = 768, 1024  # CLIP ViT-L/14 (SD 1.x) and OpenCLIP ViT-H/14 (SD 2.x) widths
@@ -346,10 +348,8 @@ def _kohya_name(key: str, xl_layers: int | None = None) -> str:
         from .base import ldm_unet_module
 
         return "lora_unet_" + ldm_unet_module(module, xl_layers).replace(".", "_")
-    return {"text_encoder": "lora_te1_text_model_", "text_encoder_2": "lora_te2_text_model_"}[comp] + module.replace(".", "_")
-
-
-XL_LAYERS_KEY = PREFIX + "unet_layers_per_block"  # how an SDXL file's SAI block names were counted
+    prefix = {"text_encoder": "lora_te1_text_model_", "text_encoder_2": "lora_te2_text_model_"}[comp]
+    return prefix + module.replace(".", "_")
 
 
 def _xl_layers_per_block(metadata: Mapping[str, str]) -> int:

@@ -526,17 +526,22 @@ def merge_adapters(items: list[tuple[Adapter, Any]], rank: int | None = None, ba
                                   up.reshape(up.shape[0], r, *[1] * (len(shape) - 2)).contiguous(), alpha=r)
     if not layers:
         raise ValueError("every scale is 0: the merged adapter would be empty")
+    rel = math.sqrt(err2 / norm2) if norm2 else 0.0
+    return Adapter(layers=layers, metadata=_merged_metadata(items, scales, rank, rel)), rel
+
+
+def _merged_metadata(items: list[tuple[Adapter, Any]], scales: list[Scale], rank: int | None, rel: float) -> dict:
+    """A merge's metadata: the base its inputs share, their trigger words, and where it came from."""
     metas = [ad.metadata for ad, _ in items]
     common = lambda k: metas[0].get(k) if len({m.get(k) for m in metas}) == 1 else None  # noqa: E731
     triggers = list(dict.fromkeys(w for ad, _ in items for w in ad.trigger_words))
-    rel = math.sqrt(err2 / norm2) if norm2 else 0.0
     sources = [{"file": ad.path.name if ad.path else None, "unet": s.unet, "text_encoder": s.text_encoder,
                 **({"blocks": s.blocks} if s.blocks else {})} for (ad, _), s in zip(items, scales)]
     meta = stylelora_metadata(base_name=common("stylelora.base_name"),
                               base_fingerprint=common("stylelora.base_fingerprint"), trigger_words=triggers,
                               training={"merged_from": sources, "rank": rank or "sum", "relative_error": rel})
-    meta |= common_base_metadata(metas)  # ss_v2 & co. when every input agrees: A1111 lists SD2 files by it
-    return Adapter(layers=layers, metadata=meta), rel
+    # ss_v2 & co. (A1111 lists SD2 files by it), and an SDXL UNet's layers per block, when all agree
+    return meta | common_base_metadata(metas)
 
 
 # --- A1111 prompt syntax --------------------------------------------------------------------

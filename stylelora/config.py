@@ -72,7 +72,8 @@ class TrainConfig:
 
     dataset: str = _opt("", "folder of images with same-stem captions (or a metadata.jsonl)")
     out: str = _opt("adapter.safetensors", "the adapter file to write; the run folder sits beside it")
-    base: str | None = _opt(None, "base model: unset = the embedded base; embedded-xl (its SDXL twin), a diffusers folder or a .safetensors file")
+    base: str | None = _opt(None, "base model: unset = the embedded base; embedded-xl (its SDXL twin), a diffusers "
+                                  "folder or a .safetensors file")
     base_config: str | None = _opt(None, "a diffusers folder with the configs of a single-file --base")
     # data
     caption_ext: str = _opt(".txt", "extension of the caption file next to each image")

@@ -305,7 +305,7 @@ class _Run:
         from .lora import inject, text_encoder_targets, unet_targets
 
         cfg, unet = self.cfg, self.unet
-        encoders = {"text_encoder": self.te, "text_encoder_2": self.te2} if self.te2 is not None else {"text_encoder": self.te}
+        encoders = {"text_encoder": self.te} | ({"text_encoder_2": self.te2} if self.te2 is not None else {})
         # Seeded so every process starts from the same A matrices.
         torch.manual_seed(cfg.seed)
         u_targets = unet_targets(unet, cfg.targets)

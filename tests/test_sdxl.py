@@ -227,3 +227,15 @@ def test_xl_single_file_round_trip(tiny_xl_pipe, tiny_xl_base, tmp_path):
         want, got = getattr(tiny_xl_pipe, comp).state_dict(), getattr(pipe, comp).state_dict()
         assert set(want) == set(got), comp
         assert all(torch.equal(want[k], got[k]) for k in want), comp
+
+
+def test_merging_xl_adapters_keeps_their_block_count(xl_adapter, tiny_xl_pipe, tmp_path):
+    """A merge of embedded-XL adapters is still written with the embedded XL UNet's SAI block numbers
+    (1 layer per block, recorded in the file), so diffusers and stylelora read it onto the same modules."""
+    from stylelora.adapters import XL_LAYERS_KEY, load_adapter, save_adapter
+    from stylelora.blend import merge_adapters
+
+    merged, _ = merge_adapters([(load_adapter(xl_adapter), 0.5), (load_adapter(xl_adapter), 0.25)])
+    assert merged.metadata[XL_LAYERS_KEY] == "1"
+    back = load_adapter(save_adapter(merged, tmp_path / "m.safetensors"))
+    assert set(back.layers) == set(load_adapter(xl_adapter).layers)
