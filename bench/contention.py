@@ -1,21 +1,22 @@
 """Training beside generation: how much a generation loop slows training, and what the OpenMP wait
 policy does about it.
 
-torch runs its CPU ops on an OpenMP team per calling thread, as many threads as cores. GNU OpenMP's
-default lets a team's idle threads spin for a while before sleeping, so two teams on the same cores
-(a second process, or the UI's generation thread beside its training thread) keep each other's cores
-busy with spinning. OMP_WAIT_POLICY=PASSIVE puts idle threads to sleep at once. The `stylelora`
-command (cli.process_defaults) and the UI set PASSIVE unless the user exported a policy.
+torch runs its CPU ops on an OpenMP team per calling thread, as many threads as cores. GNU OpenMP
+lets a team's idle threads spin (300k iterations by default) before sleeping, so two teams on the
+same cores -- a second process, or the UI's generation thread beside its training thread -- keep
+each other's cores busy spinning. Settings compared (each a fresh process: libgomp reads them when
+torch loads it): the default, OMP_WAIT_POLICY=PASSIVE (sleep at once), and shorter spins
+(GOMP_SPINCOUNT). The `stylelora` command sets GOMP_SPINCOUNT=100000 unless the user exported one.
 
-Cases, each a fresh process (the policy is read when torch loads its OpenMP runtime):
+Cases:
   alone       stylelora training (embedded base, dots dataset, defaults, no calibration)
-  2 procs     the same training while another process generates images in a loop
+  2 procs     the same training while another process generates images in a loop (same setting)
   in-process  training in the main thread while a thread of the same process generates in a loop
               (what the web UI does when a user keeps generating during a training run)
-for the OpenMP default (active spinning, GOMP's) and for PASSIVE. steps/s = 1 / median step time
-after warm-up (per-step timestamps from train()'s on_log hook). Run it alone on the machine.
+steps/s = 1 / median step time after warm-up (per-step timestamps from train()'s on_log hook);
+"x slower" is against the first setting's training alone. Run it alone on the machine.
 
-    python bench/contention.py            # ~8 min on 2 cores
+    python bench/contention.py --settings default,GOMP_SPINCOUNT=100000   # ~5 min on 2 cores
 """
 
 import argparse
@@ -69,14 +70,19 @@ def worker(case: str, out_dir: str) -> None:
         time.sleep(5)  # the generation loop is running before training starts
         rate = _train_rate(out_dir)
         stop.set()
+        gen.join()
         print(json.dumps({"steps_per_s": rate}), flush=True)
+        os._exit(0)  # skip interpreter teardown: with a second thread having run torch it can abort
 
 
-def run_case(case: str, policy: str | None, tmp: str) -> float:
+def run_case(case: str, setting: str, tmp: str) -> float:
+    """setting: "default", or NAME=VALUE of the OpenMP environment (OMP_WAIT_POLICY, GOMP_SPINCOUNT)."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error"}
-    env.pop("OMP_WAIT_POLICY", None)
-    if policy:
-        env["OMP_WAIT_POLICY"] = policy
+    for name in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT"):
+        env.pop(name, None)
+    if setting != "default":
+        name, _, value = setting.partition("=")
+        env[name] = value
     me = [sys.executable, __file__, "--worker"]
     side = None
     if case == "2 procs":
@@ -96,6 +102,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--worker", nargs=2, help=argparse.SUPPRESS)
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "contention.md"))
+    ap.add_argument("--settings", default="default,OMP_WAIT_POLICY=PASSIVE,GOMP_SPINCOUNT=10000,GOMP_SPINCOUNT=100000")
+    ap.add_argument("--cases", default="alone,2 procs,in-process")
     args = ap.parse_args()
     if args.worker:
         return worker(*args.worker)
@@ -103,16 +111,14 @@ def main() -> None:
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for policy in (None, "PASSIVE"):
-            rates = {case: run_case(case, policy, tmp) for case in ("alone", "2 procs", "in-process")}
-            rows.append((policy or "default (active spin)", rates))
-            print(policy, rates, flush=True)
-    lines = ["| OMP_WAIT_POLICY | alone (steps/s) | beside a generating process | beside a generating thread |",
-             "|---|---|---|---|"]
-    for policy, r in rows:
-        a = r["alone"]
-        lines.append(f"| {policy} | {a:.2f} | {r['2 procs']:.2f} ({a / r['2 procs']:.1f}x slower) | "
-                     f"{r['in-process']:.2f} ({a / r['in-process']:.1f}x slower) |")
+        for setting in args.settings.split(","):
+            rates = {case: run_case(case, setting, tmp) for case in args.cases.split(",")}
+            rows.append((setting, rates))
+            print(setting, rates, flush=True)
+    base = rows[0][1]["alone"]  # the first setting's training alone: what the others are compared with
+    lines = [f"| OpenMP setting | {' | '.join(rows[0][1])} |", "|---" * (len(rows[0][1]) + 1) + "|"]
+    for setting, r in rows:
+        lines.append(f"| {setting} | " + " | ".join(f"{v:.2f} steps/s ({base / v:.1f}x slower)" for v in r.values()) + " |")
     table = "\n".join(lines)
     print(table)
     Path(args.out).write_text(f"# Training beside generation (python bench/contention.py)\n\n{table}\n")

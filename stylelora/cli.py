@@ -438,11 +438,11 @@ def process_defaults() -> None:
     # without it: measured here, generation 4.8 -> 3.2 s and training steps +18% (README, bench/
     # train.py), same numbers bit for bit. Read once, when torch loads; ignored off Linux.
     os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
-    # OpenMP threads that finish their share of an op sleep at once instead of spinning for the next
-    # one: a training beside a generation (two processes, or the UI's two threads) otherwise keeps
-    # every core busy spinning and runs many times slower (bench/contention.py, README). Read once,
-    # when torch loads its OpenMP runtime.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # OpenMP threads that finish their share of an op spin 100k times (GNU's default: 300k) before
+    # they sleep. A training beside a generating stylelora process ran 5x slower with the default,
+    # 2.2x with this; OMP_WAIT_POLICY=PASSIVE fixes that too but halves a lone training's speed
+    # (bench/contention.py, README "Training beside generation"). Read when torch loads libgomp.
+    os.environ.setdefault("GOMP_SPINCOUNT", "100000")
 
 
 def main(argv: list[str] | None = None) -> int:
