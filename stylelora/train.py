@@ -224,8 +224,8 @@ class _Text(NamedTuple):
     pooled: torch.Tensor | None = None  # (B, dim2)
 
     def rows(self) -> list[_Text]:
-        return [_Text(h, None if self.pooled is None else p)
-                for h, p in zip(self.hidden, self.pooled if self.pooled is not None else self.hidden)]
+        pooled = [None] * len(self.hidden) if self.pooled is None else list(self.pooled)
+        return [_Text(h, p) for h, p in zip(self.hidden, pooled)]
 
     @staticmethod
     def stack(rows: list[_Text]) -> _Text:

@@ -42,9 +42,7 @@ def tiny_random_pipe():
 @pytest.fixture(scope="session")
 def tiny_base(tmp_path_factory, tiny_random_pipe):
     """tiny_random_pipe saved as a diffusers folder, for tests that go through --base."""
-    path = tmp_path_factory.mktemp("tiny_base")
-    tiny_random_pipe.save_pretrained(path)
-    return path
+    return _saved(tmp_path_factory, tiny_random_pipe, "tiny_base")
 
 
 @pytest.fixture(scope="session")
@@ -56,6 +54,10 @@ def tiny_xl_pipe():
 @pytest.fixture(scope="session")
 def tiny_xl_base(tmp_path_factory, tiny_xl_pipe):
     """tiny_xl_pipe saved as a diffusers folder, for tests that go through --base."""
-    path = tmp_path_factory.mktemp("tiny_xl_base")
-    tiny_xl_pipe.save_pretrained(path)
+    return _saved(tmp_path_factory, tiny_xl_pipe, "tiny_xl_base")
+
+
+def _saved(tmp_path_factory, pipe, name: str):
+    path = tmp_path_factory.mktemp(name)
+    pipe.save_pretrained(path)
     return path
