@@ -40,7 +40,8 @@ setting trains on 3 images for that reason (3 warm-up steps at batch 1), the sdx
 (--quick: one each; --rounds N for another count).
 If train() fails after its last timed step (writing the adapter), the timing is kept and the row
 is marked with the error. Also measured: the RSS floor (interpreter + the libraries both sides
-import). Writes a markdown table to stdout and bench/results/train.md.
+import). Writes a markdown table to stdout and bench/results/train.md (--only sdxl: train-sdxl.md,
+so the SD1.5 table stays; --quick: no file).
 
     python bench/train.py            # ~5 min on 2 cores
     python bench/train.py --quick    # ~1 min: fewer tiny steps; the SD1.5 layout at a fraction of the width
@@ -52,7 +53,7 @@ in two shards) a few minutes; per contender a load of that folder plus 5 steps. 
 (torch's FlopCounterMode on the meta device) one SDXL UNet forward is 428 GFLOP (SD1.5's: 180), the VAE
 encode 273 and the two text encoders 111, so a float32 example step is ~1.9x the SD1.5 one measured here
 (3.4 s at 2 threads): ~7 s, plus reading a 10 GB UNet twice per step. Peak RAM: one contender at a time,
-each holding one copy of the base: ~15 GB for the float32 ones (13.5 GB of weights), ~7-8 GB of bf16
+each holding one copy of the base (the builder too): ~15 GB for the float32 ones (13.5 GB of weights), ~7-8 GB of bf16
 weights for stylelora in bf16; the bf16 example loads float32 first and casts, so its peak RSS is near
 the float32 one. --quick, --rounds and --sdxl-dir (build once, reuse) shorten it; --quick writes no table.
 """
