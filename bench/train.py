@@ -7,8 +7,9 @@ sample) and the text encoder encodes the captions -- nothing is cached; PEFT LoR
 rank, gaussian init) on every UNet attention to_q/to_k/to_v/to_out.0, AdamW, a constant LR
 scheduler, epsilon MSE loss, accelerate prepare/accumulate/backward, the per-step loss gather and
 its gradient clipping call (a no-op there too: its parameter filter was consumed by the
-optimizer). stylelora runs `stylelora.train.train` with its defaults (cross-attention + text
-encoder LoRA, rank 4; latents cached, text embeddings cached when the text encoder is frozen).
+optimizer). stylelora runs `stylelora.train.train` with its defaults except the targets: cross-attention (the
+card's injection points; the default `attn-ff` also trains self-attention and feed-forward) + text
+encoder LoRA, rank 4; latents cached, text embeddings cached when the text encoder is frozen.
 
 Settings
   tiny   the embedded 64 px shapes base, batch 8, the pastel dataset (32 images)
@@ -20,10 +21,10 @@ Settings
          (worker_peer_sdxl), which caches nothing either and also runs both text encoders and a float32
          VAE every step.
 
-Contenders per setting: the peer; stylelora's defaults; stylelora with train_text_encoder=False;
+Contenders per setting: the peer; stylelora (cross-attn + TE); stylelora with train_text_encoder=False;
 on the tiny base also stylelora with the peer's own LoRA (targets=attn, frozen text encoder), which
 isolates what caching buys from what the smaller default target set buys. sdxl: the peer and
-stylelora's defaults in float32, and both again in bf16 (the example's --mixed_precision bf16,
+stylelora (cross-attn + TE) in float32, and both again in bf16 (the example's --mixed_precision bf16,
 stylelora's mixed_precision="bf16"), each bf16 row's ratios against the bf16 example.
 
 The stylelora contenders run with THP_MEM_ALLOC_ENABLE=1 (torch's allocator asks for transparent
@@ -692,7 +693,7 @@ def main() -> None:
                      f"{floor:.0f} MB, paid by every contender.")
         contenders = [
             ("diffusers-example step (peer)", {"kind": "peer"}),
-            ("stylelora (defaults: cross-attn + TE LoRA)",
+            ("stylelora (cross-attn + TE LoRA)",
              {"kind": "stylelora", "train_text_encoder": True, "thp": True}),
             ("stylelora, train_text_encoder=False", {"kind": "stylelora", "train_text_encoder": False, "thp": True}),
             # like for like: the example with the allocator setting the stylelora command makes
@@ -705,7 +706,7 @@ def main() -> None:
         # bf16 on both sides (frozen weights in bf16, as the example's --mixed_precision bf16): on a
         # CPU with AVX512-BF16 it is the precision a user would pick for an SD-size model.
         bf16 = [("diffusers-example step, --mixed_precision bf16", {"kind": "peer", "precision": "bf16"}),
-                ("stylelora defaults, mixed_precision=bf16", {"kind": "stylelora", "train_text_encoder": True,
+                ("stylelora (cross-attn + TE LoRA), mixed_precision=bf16", {"kind": "stylelora", "train_text_encoder": True,
                                                              "precision": "bf16", "thp": True})]
         # SDXL: issue #15's four, each against the example at the same precision (the bf16 row against the
         # example in bf16). Fewer rows than SD1.5: each loads a 10 GB UNet and takes minutes.
@@ -755,7 +756,7 @@ def main() -> None:
             if contenders[3][0] in best:
                 a, b = best[contenders[1][0]], best[contenders[3][0]]
                 notes.append(f"{s['label']}: against the example also run with THP_MEM_ALLOC_ENABLE=1, stylelora's "
-                             f"defaults = {a['steps_per_s'] / b['steps_per_s']:.2f}× steps/s, "
+                             f"cross-attn + TE = {a['steps_per_s'] / b['steps_per_s']:.2f}× steps/s, "
                              f"{a['peak_rss_mb'] / b['peak_rss_mb']:.2f}× peak RSS.")
             if s["key"] == "sd15":  # like for like: stylelora bf16 against the example in bf16
                 a, b = best[bf16[1][0]], best[bf16[0][0]]

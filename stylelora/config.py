@@ -18,7 +18,7 @@ DEFAULT_STEPS = 20
 DEFAULT_GUIDANCE = 5.0
 # How stacked adapters combine (stylelora/blend.py); the first is the default.
 MODES = ("balanced", "merge", "switch", "composite")
-MODE_HELP = ("balanced (default): fused sum, each of N active adapters at its scale x N^(-1/3) (one adapter: "
+MODE_HELP = ("balanced (default): fused sum, each of N active adapters at its scale x N^(-0.1), 0.93 for two (one adapter: "
              "merge); merge: fused weighted sum; switch: one adapter per step; composite: per-step average "
              "of each adapter's guided prediction")
 # What generation accepts (check_generation): sampling steps 1..MAX_STEPS (schedulers have 1000

@@ -306,8 +306,11 @@ class _Run:
 
         cfg, unet = self.cfg, self.unet
         encoders = {"text_encoder": self.te} | ({"text_encoder_2": self.te2} if self.te2 is not None else {})
-        # Seeded so every process starts from the same A matrices.
-        torch.manual_seed(cfg.seed)
+        # The A (down) matrices barely move in training, so they fix which input directions an adapter
+        # reads. Seeded by the data as well as the seed: adapters trained on different data read different
+        # directions, and their sum no longer doubles a shared part (one seed for every adapter broke
+        # stacked pictures: README "Stacking"). Every process derives the same seed.
+        torch.manual_seed(_seed_for(cfg.seed, "lora-init", self.data.fingerprint()))
         u_targets = unet_targets(unet, cfg.targets)
         params = {"unet": inject(unet, u_targets, cfg.rank, cfg.effective_alpha, cfg.lora_dropout)}
         self.t_targets = []  # every text encoder's targets (SDXL: both encoders' q/k/v/out)

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from stylelora.adapters import Adapter, LoraFactors, resolve_module, save_adapter
-from stylelora.blend import AdapterStack, Scale, block_of, merge_adapters, parse_prompt_loras
+from stylelora.blend import BALANCE_EXPONENT, AdapterStack, Scale, block_of, merge_adapters, parse_prompt_loras
 from stylelora.lora import find_targets
 
 PROMPT = "a red star on a white background"
@@ -321,13 +321,14 @@ def test_overflowing_scales_are_refused_and_leave_the_weights_as_they_were(stack
 
 def test_balanced_mode(stack, adapters):
     """The stacking default: one adapter is plain merge bit for bit; N active adapters are merged at
-    N ** (-1/3) of their scales; scales 0 give the base bit for bit; a seed fixes the image."""
+    N ** (-BALANCE_EXPONENT) of their scales; scales 0 give the base bit for bit; a seed fixes the image."""
     base = stack.generate(PROMPT, **MERGE)
     stack.add("pastel", adapters["pastel"], 0.7)
     assert np.array_equal(stack.generate(PROMPT, **GEN), stack.generate(PROMPT, **MERGE))
     stack.add("ink", adapters["ink"], 0.5)
     balanced = stack.generate(PROMPT, **GEN)
-    k = 2 ** (-1 / 3)
+    k = 2 ** (-BALANCE_EXPONENT)
+    assert k == pytest.approx(0.933, abs=1e-3)
     by_hand = stack.generate(PROMPT, scales={"pastel": 0.7 * k, "ink": 0.5 * k}, **MERGE)
     assert np.array_equal(balanced, by_hand)
     assert np.abs(balanced - stack.generate(PROMPT, **MERGE)).max() > 0.01
