@@ -23,8 +23,9 @@ Settings
 
 Contenders per setting: the peer; stylelora (cross-attn + TE); stylelora with train_text_encoder=False;
 on the tiny base also stylelora with the peer's own LoRA (targets=attn, frozen text encoder), which
-isolates what caching buys from what the smaller default target set buys. sdxl: the peer and
-stylelora (cross-attn + TE) in float32, and both again in bf16 (the example's --mixed_precision bf16,
+isolates what caching buys from what the smaller default target set buys. sdxl: the peer,
+stylelora (cross-attn + TE) and stylelora UNet-only (sd-scripts' advice for SDXL) in float32, and the
+first two again in bf16 (the example's --mixed_precision bf16,
 stylelora's mixed_precision="bf16"), each bf16 row's ratios against the bf16 example.
 
 The stylelora contenders run with THP_MEM_ALLOC_ENABLE=1 (torch's allocator asks for transparent
@@ -713,6 +714,7 @@ def main() -> None:
         xl_peer = "diffusers SDXL-example step (peer)"
         xl_peer_bf16 = "diffusers SDXL-example step, --mixed_precision bf16"
         sdxl = [(xl_peer, {"kind": "peer"}), (contenders[1][0], contenders[1][1]),
+                (contenders[2][0], contenders[2][1]),  # UNet only: what sd-scripts advises for SDXL
                 (xl_peer_bf16, {"kind": "peer", "precision": "bf16", "vs": xl_peer_bf16}),
                 (bf16[1][0], {**bf16[1][1], "vs": xl_peer_bf16})]
         for s in settings:

@@ -384,14 +384,17 @@ class AdapterStack:
             if not bound < 1e38 and not torch.isfinite(weight).all():
                 self._write(key, self._applied.get(key, ()))  # put the layer back as it was
                 raise overflow()
-        else:  # fp16/bf16 (or strided) weights: the sum in float32, then cast
-            new = w0.float().view(rows, -1) + (up @ down if low else 0)
+        else:  # fp16/bf16 (or strided) weights: the sum in float32 (one fused pass), rounded once by the copy
+            new = w0.view(rows, -1).float()
+            if low:
+                new = torch.addmm(new, up, down)
             for f, c in dense:
-                new = new + c * f.dense
-            new = new.view(w0.shape).to(weight.dtype)
-            if not torch.isfinite(new).all():
+                new.add_(f.dense, alpha=c)
+            bound = sum(abs(c) * f.bound for f, c in factors) + self._w0_absmax[key]
+            # the same bound as above, against the half type's range (0.99: rounding up at the edge)
+            if not bound < 0.99 * torch.finfo(weight.dtype).max and not torch.isfinite(new.to(weight.dtype)).all():
                 raise overflow()
-            weight.copy_(new)
+            weight.copy_(new.view(w0.shape))
         self._applied[key] = terms
 
     def _compose(self, c: _Composition):

@@ -1,0 +1,115 @@
+"""Weight-space ways to merge two adapters, scored by the judge (README, "Stacking": what did not work).
+
+Each variant turns the two adapters' per-layer updates dA, dB (dense, alpha / rank applied) into one
+update, fused as a single adapter; the stack prompt names both trigger words:
+
+  merge       dA + dB (the plain weighted sum at 1.0 / 1.0)
+  kF          F * (dA + dB): the balanced mode's factor F for two adapters (k0.93 = today's default)
+  uFtG        the UNet's layers at F * (dA + dB), the text encoder's at G * (dA + dB)
+  proj        dA + dB minus half of each one's projection on the other (a shared part counted once)
+  rms         dA + dB rescaled per layer to the norm sqrt(|dA|^2 + |dB|^2) (what two orthogonal ones sum to)
+  maxagree    elementwise: where the signs agree the larger of the two, else the sum
+  tiesD       TIES (Yadav et al. 2023): keep each update's top-D fraction by magnitude, elect each element's
+              sign by the sum, average the kept values that agree with it
+  --rescale R guidance rescale (Lin et al. 2024, diffusers' guidance_rescale) on top of the variant
+
+Prompts: 48 from the pretraining combinations (seed 500), so nothing is tuned on the held-out prompts
+the README's tables use; --heldout for those.
+
+    python bench/stack_merges.py --folder runs/styles/defaults --variants merge,k0.93,proj,ties0.3
+    # one JSON line per pair x variant; ~5 s per line on 2 cores
+"""
+import argparse
+import json
+import time
+
+import numpy as np
+import torch
+
+from stylelora.adapters import Adapter, load_adapter
+from stylelora.base import load_base
+from stylelora.blend import AdapterStack
+from stylelora.evaluate import both_rate, heldout_scenes, score, stack_images
+from stylelora.lycoris import FullDiff
+from stylelora.world.render import TRAIN_COMBOS, Scene
+
+PAIRS = "pastel+dots,pastel+stripes,sepia+dots,sepia+stripes"
+
+
+def ties(a: torch.Tensor, b: torch.Tensor, density: float) -> torch.Tensor:
+    def trim(x):
+        k = max(1, int(density * x.numel()))
+        threshold = x.abs().flatten().kthvalue(x.numel() - k + 1).values
+        return torch.where(x.abs() >= threshold, x, torch.zeros_like(x))
+
+    ta, tb = trim(a), trim(b)
+    sign = torch.sign(ta + tb)
+    keep_a, keep_b = (torch.sign(ta) == sign) & (ta != 0), (torch.sign(tb) == sign) & (tb != 0)
+    count = keep_a.float() + keep_b.float()
+    return torch.where(count > 0, (ta * keep_a + tb * keep_b) / count.clamp_min(1), torch.zeros_like(ta))
+
+
+def merged(variant: str, a: torch.Tensor, b: torch.Tensor, text_encoder: bool) -> torch.Tensor:
+    if variant == "merge":
+        return a + b
+    if variant.startswith("k"):
+        return (a + b) * float(variant[1:])
+    if variant.startswith("u"):
+        unet, te = map(float, variant[1:].split("t"))
+        return (a + b) * (te if text_encoder else unet)
+    if variant == "proj":
+        dot = (a * b).sum()
+        return a + b - (0.5 * dot * (a / (a * a).sum() + b / (b * b).sum()) if dot > 0 else 0)
+    if variant == "rms":
+        return (a + b) * ((a * a).sum() + (b * b).sum()).sqrt() / (a + b).norm().clamp_min(1e-12)
+    if variant == "maxagree":
+        return torch.where(torch.sign(a) == torch.sign(b), torch.where(a.abs() > b.abs(), a, b), a + b)
+    if variant.startswith("ties"):
+        return ties(a, b, float(variant[4:]))
+    raise ValueError(f"unknown variant {variant!r}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--folder", required=True, help="holds PALETTE.safetensors and TECHNIQUE.safetensors")
+    ap.add_argument("--folder-b", default=None, help="the techniques' folder, if not --folder")
+    ap.add_argument("--pairs", default=PAIRS)
+    ap.add_argument("--variants", default="merge,k0.93")
+    ap.add_argument("--n", type=int, default=48)
+    ap.add_argument("--seed", type=int, default=500)
+    ap.add_argument("--guidance", type=float, default=5.0)
+    ap.add_argument("--rescale", type=float, default=0.0)
+    ap.add_argument("--heldout", action="store_true")
+    args = ap.parse_args()
+    if args.heldout:
+        scenes, seeds = heldout_scenes(args.n), list(range(args.n))
+    else:
+        rng = np.random.default_rng(args.seed)
+        scenes = [Scene(*TRAIN_COMBOS[i]) for i in rng.choice(len(TRAIN_COMBOS), args.n, replace=False)]
+        seeds = [args.seed + i for i in range(args.n)]
+    pipe = load_base()
+    pipe.set_progress_bar_config(disable=True)
+    call = type(pipe).__call__
+    type(pipe).__call__ = lambda self, *a, **kw: call(self, *a, guidance_rescale=args.rescale, **kw)
+    for pair in args.pairs.split(","):
+        pal, tech = pair.split("+")
+        a = load_adapter(f"{args.folder}/{pal}.safetensors")
+        b = load_adapter(f"{args.folder_b or args.folder}/{tech}.safetensors")
+        prompts = [", ".join([s.caption(), pal, tech]) for s in scenes]
+        for variant in args.variants.split(","):
+            layers = {k: FullDiff(merged(variant, a.layers[k].delta(), b.layers[k].delta(), not k.startswith("unet.")))
+                      for k in a.layers}
+            stack = AdapterStack(pipe)
+            stack.add("merged", Adapter(layers=layers), {"unet": 1.0, "text_encoder": 1.0, "raw": True})
+            t = time.time()
+            r = score(stack_images(stack, pipe, prompts, seeds, "merge", guidance=args.guidance), scenes, per_image=True)
+            print(json.dumps({"pair": pair, "variant": variant, "guidance": args.guidance, "rescale": args.rescale,
+                              "both": round(both_rate(r.pop("per_image"), [pal, tech]), 3),
+                              pal: round(r["palette"][pal], 2), tech: round(r["technique"][tech], 2),
+                              "shape": round(r["shape_acc"], 3), "colour": round(r["color_acc"], 3),
+                              "s": round(time.time() - t, 1)}), flush=True)
+            stack.reset()
+
+
+if __name__ == "__main__":
+    main()
