@@ -145,6 +145,7 @@ Plan = dict[str, tuple[tuple[str, float], ...]]  # layer key -> ((adapter, scale
 
 
 BALANCE_EXPONENT = 0.1  # module docstring: why, and what it was
+_HALF_BLOCK = 1 << 18  # elements per float32 block of a half-precision rewrite (1 MB: stays in L2)
 
 
 def balanced(scales: Mapping[str, Scale], active: list[str]) -> dict[str, Scale]:
@@ -384,18 +385,31 @@ class AdapterStack:
             if not bound < 1e38 and not torch.isfinite(weight).all():
                 self._write(key, self._applied.get(key, ()))  # put the layer back as it was
                 raise overflow()
-        else:  # fp16/bf16 (or strided) weights: the sum in float32 (one fused pass), rounded once by the copy
-            new = w0.view(rows, -1).float()
-            if low:
-                new = torch.addmm(new, up, down)
-            for f, c in dense:
-                new.add_(f.dense, alpha=c)
-            bound = sum(abs(c) * f.bound for f, c in factors) + self._w0_absmax[key]
-            # the same bound as above, against the half type's range (0.99: rounding up at the edge)
-            if not bound < 0.99 * torch.finfo(weight.dtype).max and not torch.isfinite(new.to(weight.dtype)).all():
-                raise overflow()
-            weight.copy_(new.view(w0.shape))
+        else:  # fp16/bf16 (or strided) weights: W0 + up @ down in float32, rounded once to the weight's type
+            self._write_half(key, weight, w0, up if low else None, down if low else None, dense, factors, overflow)
         self._applied[key] = terms
+
+    def _write_half(self, key, weight, w0, up, down, dense, factors, overflow) -> None:
+        """The half-precision rewrite, in blocks of rows whose float32 sum stays in cache: each weight is
+        read and written once in its own type, as one half-precision addmm would (bench/blend.py --sdxl:
+        the whole-layer float32 temporaries cost 4x that)."""
+        rows = weight.shape[0]
+        src, dst = w0.view(rows, -1), weight.view(rows, -1) if weight.is_contiguous() else torch.empty_like(w0)
+        step = max(1, _HALF_BLOCK // max(1, src.shape[1]))
+        for r in range(0, rows, step):
+            block = src[r : r + step].to(torch.float32, copy=True)  # never W0 itself (a float32 W0 is strided here)
+            if up is not None:
+                block = torch.addmm(block, up[r : r + step], down)
+            for f, c in dense:
+                block.add_(f.dense[r : r + step], alpha=c)
+            dst.view(rows, -1)[r : r + step].copy_(block)
+        if dst.data_ptr() != weight.data_ptr():
+            weight.copy_(dst.view(weight.shape))
+        # the float32 path's bound, against the half type's range (0.99: rounding up at its edge)
+        bound = sum(abs(c) * f.bound for f, c in factors) + self._w0_absmax[key]
+        if not bound < 0.99 * torch.finfo(weight.dtype).max and not torch.isfinite(weight).all():
+            self._write(key, self._applied.get(key, ()))  # put the layer back as it was
+            raise overflow()
 
     def _compose(self, c: _Composition):
         """switch: one adapter per UNet call, rotating every `switch_every` steps. composite: every

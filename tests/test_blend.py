@@ -278,17 +278,35 @@ def test_conv_layers_match_diffusers(stack, pipe, tmp_path):
     assert np.abs(ours - diffusers_image(pipe, tmp_path, {"conv": (conv, 0.9)})).max() <= 1e-4
 
 
-def test_half_precision_weights_are_blended_in_float32(tiny_random_pipe, adapters):
-    half = copy.deepcopy(tiny_random_pipe).to(dtype=torch.bfloat16)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("block", [None, 48])  # None: whole layers; 48 elements: many row blocks per layer
+def test_half_precision_weights_are_blended_in_float32(tiny_random_pipe, adapters, monkeypatch, dtype, block):
+    import stylelora.blend as blend
+
+    if block:
+        monkeypatch.setattr(blend, "_HALF_BLOCK", block)
+    half = copy.deepcopy(tiny_random_pipe).to(dtype=dtype)
     stack = AdapterStack(half)
-    key = next(iter(adapters["pastel"].layers))
-    w0 = resolve_module(half, key).weight.detach().clone()
+    layers = adapters["pastel"].layers
+    w0 = {k: resolve_module(half, k).weight.detach().clone() for k in layers}
     stack.add("pastel", adapters["pastel"], 0.5)
-    weight = resolve_module(half, key).weight
-    assert weight.dtype == torch.bfloat16
-    assert torch.equal(weight, (w0.float() + 0.5 * adapters["pastel"].layers[key].delta()).to(torch.bfloat16))
+    for key, layer in layers.items():
+        weight = resolve_module(half, key).weight
+        want = (w0[key].float() + 0.5 * layer.delta()).to(dtype)  # the float32 sum, rounded once
+        assert weight.dtype == dtype
+        # float32 rounding of the product may move a value across a half-precision rounding edge: one step
+        # of the operands' size (a sum that cancels to ~0 is rounded at their scale, not its own)
+        step = torch.finfo(dtype).eps * (w0[key].float().abs() + 0.5 * layer.delta().abs())
+        assert ((weight.float() - want.float()).abs() <= step).all(), key
+        assert (weight == want).float().mean() > 0.99, key
+    after = {k: resolve_module(half, k).weight.detach().clone() for k in layers}
+    with pytest.raises(ValueError, match="lower the scales"):  # past the half type's range: refused, undone
+        stack.set_scales({"pastel": 1e6 if dtype == torch.float16 else 1e39})
+    assert all(torch.equal(resolve_module(half, k).weight, after[k]) for k in layers)
     stack.reset()
-    assert torch.equal(resolve_module(half, key).weight, w0)
+    assert all(torch.equal(resolve_module(half, k).weight, w0[k]) for k in layers)
+    stack.add("pastel", adapters["pastel"], 0.5)
+    assert all(torch.equal(resolve_module(half, k).weight, after[k]) for k in layers)  # deterministic
 
 
 def test_overflowing_scales_are_refused_and_leave_the_weights_as_they_were(stack, pipe, adapters):
