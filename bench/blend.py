@@ -389,8 +389,8 @@ def main_sdxl(args) -> str:
         "floor = one torch.addmm per targeted layer: W += B @ A in the weight's dtype, B (out, 64) and A (64, in) "
         "the 4 active adapters' factors concatenated (scales folded into B) beforehand: the one product and the "
         "one read and write of each weight any rewrite needs; timed interleaved with ours. "
-        + ("In bfloat16 AdapterStack sums W0 + B @ A in float32 and rounds once (its non-float32 path), which "
-           "this bf16 addmm does not" if dtype != torch.float32 else
+        + ("In bfloat16 AdapterStack's rewrite is a bf16 addmm too, from its kept W0 into the weight (the "
+           "same product; the floor adds in place)" if dtype != torch.float32 else
            "In float32 AdapterStack's own rewrite is this addmm, from its kept W0 straight into the weight"),
         f"RAM: estimated {need / 1e9:.1f} GB ({estimate}); measured peak RSS of this process {peak / 1e9:.1f} GB; "
         f"MemAvailable at start {'?' if avail is None else f'{avail / 1e9:.1f} GB'}",

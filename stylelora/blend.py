@@ -390,10 +390,16 @@ class AdapterStack:
         self._applied[key] = terms
 
     def _write_half(self, key, weight, w0, up, down, dense, factors, overflow) -> None:
-        """The half-precision rewrite, in blocks of rows whose float32 sum stays in cache: each weight is
-        read and written once in its own type, as one half-precision addmm would (bench/blend.py --sdxl:
-        the whole-layer float32 temporaries cost 4x that)."""
+        """The half-precision rewrite. bf16 LoRA terms: one bf16 addmm from W0. Otherwise (fp16, dense
+        LyCORIS terms) W0 + up @ down in float32, in blocks of rows that stay in cache, rounded once
+        (bench/blend.py --sdxl: whole-layer float32 temporaries cost several times the addmm)."""
         rows = weight.shape[0]
+        if weight.dtype == torch.bfloat16 and up is not None and not dense and weight.is_contiguous():
+            # bf16: the GEMM itself in bf16 (float32 accumulation; several times float32's speed on CPUs
+            # with bf16 units), W0 added, rounded once: within one bf16 step of the float32 sum (test)
+            torch.addmm(w0.view(rows, -1), up.to(weight.dtype), down.to(weight.dtype), out=weight.view(rows, -1))
+            self._check_half(key, weight, factors, overflow)
+            return
         src, dst = w0.view(rows, -1), weight.view(rows, -1) if weight.is_contiguous() else torch.empty_like(w0)
         step = max(1, _HALF_BLOCK // max(1, src.shape[1]))
         for r in range(0, rows, step):
@@ -405,6 +411,9 @@ class AdapterStack:
             dst.view(rows, -1)[r : r + step].copy_(block)
         if dst.data_ptr() != weight.data_ptr():
             weight.copy_(dst.view(weight.shape))
+        self._check_half(key, weight, factors, overflow)
+
+    def _check_half(self, key, weight, factors, overflow) -> None:
         # the float32 path's bound, against the half type's range (0.99: rounding up at its edge)
         bound = sum(abs(c) * f.bound for f, c in factors) + self._w0_absmax[key]
         if not bound < 0.99 * torch.finfo(weight.dtype).max and not torch.isfinite(weight).all():

@@ -290,15 +290,20 @@ def test_half_precision_weights_are_blended_in_float32(tiny_random_pipe, adapter
     layers = adapters["pastel"].layers
     w0 = {k: resolve_module(half, k).weight.detach().clone() for k in layers}
     stack.add("pastel", adapters["pastel"], 0.5)
+    exact = []
     for key, layer in layers.items():
         weight = resolve_module(half, key).weight
         want = (w0[key].float() + 0.5 * layer.delta()).to(dtype)  # the float32 sum, rounded once
         assert weight.dtype == dtype
-        # float32 rounding of the product may move a value across a half-precision rounding edge: one step
-        # of the operands' size (a sum that cancels to ~0 is rounded at their scale, not its own)
-        step = torch.finfo(dtype).eps * (w0[key].float().abs() + 0.5 * layer.delta().abs())
+        # One half-precision step of the operands' size: float32 rounding may move a value across a rounding
+        # edge, and bf16 rounds the factors before its GEMM (a sum that cancels to ~0 is rounded at the
+        # operands' scale, not its own).
+        terms = (layer.up.flatten(1).abs() @ layer.down.flatten(1).abs() * layer.scale).view(want.shape)
+        step = torch.finfo(dtype).eps * (w0[key].float().abs() + 0.5 * terms)
         assert ((weight.float() - want.float()).abs() <= step).all(), key
-        assert (weight == want).float().mean() > 0.99, key
+        exact.append((weight == want).float().mean())
+    # most values are the float32 sum rounded once, exactly (bf16's rounded factors: about 70% here)
+    assert min(exact) > (0.6 if dtype == torch.bfloat16 else 0.99), min(exact)
     after = {k: resolve_module(half, k).weight.detach().clone() for k in layers}
     with pytest.raises(ValueError, match="lower the scales"):  # past the half type's range: refused, undone
         stack.set_scales({"pastel": 1e6 if dtype == torch.float16 else 1e39})
