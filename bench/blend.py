@@ -346,6 +346,16 @@ def _mem_available() -> float | None:
         return None
 
 
+def publish(text: str, args, name: str) -> str:
+    """Print the table and write it to --out or bench/results/NAME (a smoke run writes nothing)."""
+    print(text)
+    out = args.out or (None if args.smoke else Path(__file__).parent / "results" / name)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(text)
+    return text
+
+
 def main_sdxl(args) -> str:
     """The SDXL-size row (issue #15): memory estimate and module count first (meta device), then the row."""
     import resource
@@ -399,13 +409,7 @@ def main_sdxl(args) -> str:
         "max abs pixel diff: our fused image vs diffusers' unfused image, float32 before quantization"
         + (" (in bfloat16 fused and unfused weights round differently: ~1e-2 expected)" if dtype != torch.float32
            else "")]
-    text = table_sdxl(row, notes, args)
-    print(text)
-    out = args.out or (None if args.smoke else Path(__file__).parent / "results" / "blend-sdxl.md")
-    if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(text)
-    return text
+    return publish(table_sdxl(row, notes, args), args, "blend-sdxl.md")
 
 
 def main(argv=None) -> str:
@@ -457,13 +461,7 @@ def main(argv=None) -> str:
               "apply scales: ours = AdapterStack.set_scales with all 4 active scales changed; diffusers = "
               "unfuse_lora + set_adapters + fuse_lora (first round: no unfuse), with all 12 loaded",
               "max abs pixel diff: our fused image vs diffusers' unfused image, float32 before quantization"]
-    text = table(rows, notes, args)
-    print(text)
-    out = args.out or (None if args.smoke else Path(__file__).parent / "results" / "blend.md")
-    if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(text)
-    return text
+    return publish(table(rows, notes, args), args, "blend.md")
 
 
 if __name__ == "__main__":
