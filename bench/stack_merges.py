@@ -18,6 +18,8 @@ the README's tables use; --heldout for those.
 
     python bench/stack_merges.py --folder runs/styles/defaults --variants merge,k0.93,proj,ties0.3
     # one JSON line per pair x variant; ~5 s per line on 2 cores
+    python bench/stack_merges.py --folder runs/styles/defaults --layers
+    # where each style acts: per layer group, each style's |dW| and two pairs' mean per-layer cosine
 """
 import argparse
 import json
@@ -69,6 +71,32 @@ def merged(variant: str, a: torch.Tensor, b: torch.Tensor, text_encoder: bool) -
     raise ValueError(f"unknown variant {variant!r}")
 
 
+def group_of(key: str) -> str:
+    """'up0 ff', 'mid cross-attn', 'text encoder', ...: a UNet level and layer kind."""
+    if not key.startswith("unet."):
+        return "text encoder"
+    parts = key.split(".")
+    level = "mid" if parts[1] == "mid_block" else parts[1].split("_")[0] + parts[2]
+    return f"{level} {'self-attn' if 'attn1' in key else 'cross-attn' if 'attn2' in key else 'ff'}"
+
+
+def layer_table(folder: str, styles=("pastel", "sepia", "dots", "stripes"),
+                pairs=(("pastel", "dots"), ("dots", "stripes"))) -> None:
+    adapters = {n: load_adapter(f"{folder}/{n}.safetensors") for n in styles}
+    sq, cos = {}, {}
+    for key in adapters[styles[0]].layers:
+        d = {n: adapters[n].layers[key].delta().flatten() for n in styles}
+        g = group_of(key)
+        for n in styles:
+            sq[(n, g)] = sq.get((n, g), 0.0) + float(d[n] @ d[n])
+        for a, b in pairs:
+            cos.setdefault((a, b, g), []).append(float(torch.nn.functional.cosine_similarity(d[a], d[b], dim=0)))
+    print("| layers | " + " | ".join(f"|dW| {n}" for n in styles) + " | " + " | ".join(f"cos {a}.{b}" for a, b in pairs) + " |")
+    for g in sorted({g for _, g in sq}):
+        print(f"| {g} | " + " | ".join(f"{sq[(n, g)] ** 0.5:.1f}" for n in styles) + " | "
+              + " | ".join(f"{sum(c) / len(c):+.2f}" for c in (cos[(a, b, g)] for a, b in pairs)) + " |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--folder", required=True, help="holds PALETTE.safetensors and TECHNIQUE.safetensors")
@@ -80,7 +108,10 @@ def main() -> None:
     ap.add_argument("--guidance", type=float, default=5.0)
     ap.add_argument("--rescale", type=float, default=0.0)
     ap.add_argument("--heldout", action="store_true")
+    ap.add_argument("--layers", action="store_true", help="print where each style acts, and stop")
     args = ap.parse_args()
+    if args.layers:
+        return layer_table(args.folder)
     if args.heldout:
         scenes, seeds = heldout_scenes(args.n), list(range(args.n))
     else:
