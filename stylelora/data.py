@@ -801,12 +801,13 @@ class CaptionFolder(Dataset):
         return {"n_images": len(self.items), "n_samples": len(self), "n_skipped": len(self.skipped),
                 "folders": len({PurePosixPath(it.rel).parent for it in self.items})}
 
-    def fingerprint(self) -> str:
-        """Short id of the data as found: names, repeats, captions, sizes in pixels and bytes."""
+    def fingerprint(self, masks: bool = True) -> str:
+        """Short id of the data as found: names, repeats, captions, sizes in pixels and bytes, and (masks)
+        which masks it trains with."""
         h = hashlib.sha256()
         for it in self.items:
             h.update(f"{it.rel}\t{it.repeats}\t{it.caption}\t{it.size}\t{it.path.stat().st_size}\n".encode())
-        for source in self.mask_sources:  # masks on: which masks, by name and size in bytes
+        for source in self.mask_sources if masks else ():  # masks on: which masks, by name and size in bytes
             mask = "alpha" if source == ALPHA else f"{source.relative_to(self.mask_dir)}\t{source.stat().st_size}"
             h.update(f"mask\t{mask}\n".encode())
         return h.hexdigest()[:16]

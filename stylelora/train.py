@@ -309,8 +309,9 @@ class _Run:
         # The A (down) matrices barely move in training, so they fix which input directions an adapter
         # reads. Seeded by the data as well as the seed: adapters trained on different data read different
         # directions, and their sum no longer doubles a shared part (one seed for every adapter broke
-        # stacked pictures: README "Stacking"). Every process derives the same seed.
-        torch.manual_seed(_seed_for(cfg.seed, "lora-init", self.data.fingerprint()))
+        # stacked pictures: README "Stacking"). The images and captions only: masks on or off, the same
+        # start (an all-white mask trains exactly as no mask). Every process derives the same seed.
+        torch.manual_seed(_seed_for(cfg.seed, "lora-init", self.data.fingerprint(masks=False)))
         u_targets = unet_targets(unet, cfg.targets)
         params = {"unet": inject(unet, u_targets, cfg.rank, cfg.effective_alpha, cfg.lora_dropout)}
         self.t_targets = []  # every text encoder's targets (SDXL: both encoders' q/k/v/out)
