@@ -381,8 +381,7 @@ class AdapterStack:
                 out.add_(f.dense, alpha=c)
             # |delta| <= sum over terms of |c| * (that adapter's bound, computed once in add()): when
             # that cannot overflow, skip scanning the whole layer for inf.
-            bound = sum(abs(c) * f.bound for f, c in factors) + self._w0_absmax[key]
-            if not bound < 1e38 and not torch.isfinite(weight).all():
+            if not self._bound(key, factors) < 1e38 and not torch.isfinite(weight).all():
                 self._write(key, self._applied.get(key, ()))  # put the layer back as it was
                 raise overflow()
         else:  # fp16/bf16 (or strided) weights: W0 + up @ down in float32, rounded once to the weight's type
@@ -413,10 +412,13 @@ class AdapterStack:
             weight.copy_(dst.view(weight.shape))
         self._check_half(key, weight, factors, overflow)
 
+    def _bound(self, key: str, factors) -> float:
+        """>= max |W0 + sum of the terms| of one layer, from bounds computed once in add()."""
+        return sum(abs(c) * f.bound for f, c in factors) + self._w0_absmax[key]
+
     def _check_half(self, key, weight, factors, overflow) -> None:
         # the float32 path's bound, against the half type's range (0.99: rounding up at its edge)
-        bound = sum(abs(c) * f.bound for f, c in factors) + self._w0_absmax[key]
-        if not bound < 0.99 * torch.finfo(weight.dtype).max and not torch.isfinite(weight).all():
+        if not self._bound(key, factors) < 0.99 * torch.finfo(weight.dtype).max and not torch.isfinite(weight).all():
             self._write(key, self._applied.get(key, ()))  # put the layer back as it was
             raise overflow()
 
