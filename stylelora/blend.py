@@ -384,7 +384,7 @@ class AdapterStack:
             if not self._bound(key, factors) < 1e38 and not torch.isfinite(weight).all():
                 self._write(key, self._applied.get(key, ()))  # put the layer back as it was
                 raise overflow()
-        else:  # fp16/bf16 (or strided) weights: W0 + up @ down in float32, rounded once to the weight's type
+        else:  # fp16/bf16 (or strided) weights: see _write_half
             self._write_half(key, weight, w0, up if low else None, down if low else None, dense, factors, overflow)
         self._applied[key] = terms
 
