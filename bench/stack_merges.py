@@ -5,13 +5,22 @@ update, fused as a single adapter; the stack prompt names both trigger words:
 
   merge       dA + dB (the plain weighted sum at 1.0 / 1.0)
   kF          F * (dA + dB): the balanced mode's factor F for two adapters (k0.93 = today's default)
+  aFbG        F * dA + G * dB: a factor per adapter (palette F, technique G): what any per-adapter
+              choice of fused scales can reach (a0.9b0.8)
+  GROUP=F     the layers whose group (see --layers: 'up0 ff', 'mid cross-attn', 'text encoder', ...)
+              contains GROUP at F * (dA + dB), the others at dA + dB (ff=0.75, text=0.75)
   uFtG        the UNet's layers at F * (dA + dB), the text encoder's at G * (dA + dB)
   proj        dA + dB minus half of each one's projection on the other (a shared part counted once)
   rms         dA + dB rescaled per layer to the norm sqrt(|dA|^2 + |dB|^2) (what two orthogonal ones sum to)
   maxagree    elementwise: where the signs agree the larger of the two, else the sum
   tiesD       TIES (Yadav et al. 2023): keep each update's top-D fraction by magnitude, elect each element's
               sign by the sum, average the kept values that agree with it
+  alone       each adapter by itself with its own trigger word only ("both" = its hit rate)
   --rescale R guidance rescale (Lin et al. 2024, diffusers' guidance_rescale) on top of the variant
+
+--folder / --folder-b take DIR or DIR1+DIR2+...: each adapter is then the mean of the runs' updates
+(a "soup" of trainings with different seeds); --folder-b pairs palettes of one run with techniques
+of another (the spread between training runs).
 
 Prompts: 48 from the pretraining combinations (seed 500), so nothing is tuned on the held-out prompts
 the README's tables use; --heldout for those.
@@ -23,6 +32,7 @@ the README's tables use; --heldout for those.
 """
 import argparse
 import json
+import re
 import time
 
 import numpy as np
@@ -51,11 +61,18 @@ def ties(a: torch.Tensor, b: torch.Tensor, density: float) -> torch.Tensor:
     return torch.where(count > 0, (ta * keep_a + tb * keep_b) / count.clamp_min(1), torch.zeros_like(ta))
 
 
-def merged(variant: str, a: torch.Tensor, b: torch.Tensor, text_encoder: bool) -> torch.Tensor:
+def merged(variant: str, a: torch.Tensor, b: torch.Tensor, key: str) -> torch.Tensor:
+    text_encoder = not key.startswith("unet.")
+    if "=" in variant:
+        group, factor = variant.split("=")
+        return (a + b) * (float(factor) if group in group_of(key) else 1.0)
     if variant == "merge":
         return a + b
     if variant.startswith("k"):
         return (a + b) * float(variant[1:])
+    if re.fullmatch(r"a[\d.]+b[\d.]+", variant):
+        fa, fb = map(float, variant[1:].split("b"))
+        return fa * a + fb * b
     if variant.startswith("u"):
         unet, te = map(float, variant[1:].split("t"))
         return (a + b) * (te if text_encoder else unet)
@@ -69,6 +86,12 @@ def merged(variant: str, a: torch.Tensor, b: torch.Tensor, text_encoder: bool) -
     if variant.startswith("ties"):
         return ties(a, b, float(variant[4:]))
     raise ValueError(f"unknown variant {variant!r}")
+
+
+def soup(folders: str, style: str) -> dict[str, torch.Tensor]:
+    """Each layer's update (alpha / rank applied), averaged over the runs in 'DIR1+DIR2+...'."""
+    runs = [load_adapter(f"{folder}/{style}.safetensors") for folder in folders.split("+")]
+    return {k: sum(r.layers[k].delta() for r in runs) / len(runs) for k in runs[0].layers}
 
 
 def group_of(key: str) -> str:
@@ -124,18 +147,20 @@ def main() -> None:
     type(pipe).__call__ = lambda self, *a, **kw: call(self, *a, guidance_rescale=args.rescale, **kw)
     for pair in args.pairs.split(","):
         pal, tech = pair.split("+")
-        a = load_adapter(f"{args.folder}/{pal}.safetensors")
-        b = load_adapter(f"{args.folder_b or args.folder}/{tech}.safetensors")
-        prompts = [", ".join([s.caption(), pal, tech]) for s in scenes]
-        for variant in args.variants.split(","):
-            layers = {k: FullDiff(merged(variant, a.layers[k].delta(), b.layers[k].delta(), not k.startswith("unet.")))
-                      for k in a.layers}
+        a = soup(args.folder, pal)
+        b = soup(args.folder_b or args.folder, tech)
+        jobs = [(v, {k: merged(v, a[k], b[k], k) for k in a}, [pal, tech]) for v in args.variants.split(",") if v != "alone"]
+        if "alone" in args.variants.split(","):  # each adapter by itself, its own trigger only
+            jobs = [(f"{pal} alone", a, [pal]), (f"{tech} alone", b, [tech])] + jobs
+        for variant, deltas, styles in jobs:
             stack = AdapterStack(pipe)
-            stack.add("merged", Adapter(layers=layers), {"unet": 1.0, "text_encoder": 1.0, "raw": True})
+            stack.add("merged", Adapter(layers={k: FullDiff(d) for k, d in deltas.items()}),
+                      {"unet": 1.0, "text_encoder": 1.0, "raw": True})
+            prompts = [", ".join([s.caption(), *styles]) for s in scenes]
             t = time.time()
             r = score(stack_images(stack, pipe, prompts, seeds, "merge", guidance=args.guidance), scenes, per_image=True)
             print(json.dumps({"pair": pair, "variant": variant, "guidance": args.guidance, "rescale": args.rescale,
-                              "both": round(both_rate(r.pop("per_image"), [pal, tech]), 3),
+                              "both": round(both_rate(r.pop("per_image"), styles), 3),
                               pal: round(r["palette"][pal], 2), tech: round(r["technique"][tech], 2),
                               "shape": round(r["shape_acc"], 3), "colour": round(r["color_acc"], 3),
                               "s": round(time.time() - t, 1)}), flush=True)

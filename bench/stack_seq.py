@@ -1,0 +1,88 @@
+"""Stacking in stages, measured (README, "Stacking": what did not work): draw with one set of fused
+scales, re-noise the result's latent to `strength` and finish with another (img2img on latents).
+
+A plan is 'P1,T1/P2,T2@S': stage 1 with the palette at P1 and the technique at T1 (20 steps), stage 2
+from strength S with P2, T2 (S x 20 steps). 1,0/0,1@0.5 = the palette draws, the technique restyles
+the second half. Costs 1 + S base images. Same 48 prompts as bench/stack_merges.py (pretraining
+combinations, seed 500).
+
+    python bench/stack_seq.py --folder runs/styles/defaults --plans "1,0/0,1@0.5;0,1/1,0@0.3"
+"""
+import argparse
+import json
+import time
+
+import numpy as np
+import torch
+from diffusers import StableDiffusionImg2ImgPipeline
+
+from stylelora.adapters import load_adapter
+from stylelora.base import load_base
+from stylelora.evaluate import both_rate, score
+from stylelora.world.render import TRAIN_COMBOS, Scene
+
+
+class Fused:
+    """Writes W0 + sum_i s_i dW_i into the targeted weights; restore() puts W0 back."""
+
+    def __init__(self, pipe, deltas: list[dict]):
+        self.pipe, self.deltas = pipe, deltas
+        self.w0 = {k: self.module(k).weight.data.clone() for k in deltas[0]}
+
+    def module(self, key: str):
+        component, _, path = key.partition(".")
+        return getattr(self.pipe, component).get_submodule(path)
+
+    def set(self, scales: list[float]) -> None:
+        for k, w in self.w0.items():
+            self.module(k).weight.data = w + sum(s * d[k] for s, d in zip(scales, self.deltas))
+
+    def restore(self) -> None:
+        for k, w in self.w0.items():
+            self.module(k).weight.data = w
+
+
+def staged(pipe, img2img, fused: Fused, plan: str, prompts: list[str], seeds: list[int]):
+    first, rest = plan.split("/")
+    second, strength = rest.split("@")
+    common = {"negative_prompt": [""] * len(prompts), "num_inference_steps": 20, "guidance_scale": 5.0}
+    fused.set([float(s) for s in first.split(",")])
+    latents = pipe(prompt=prompts, generator=[torch.Generator().manual_seed(s) for s in seeds],
+                   output_type="latent", **common).images
+    fused.set([float(s) for s in second.split(",")])
+    return img2img(prompt=prompts, image=latents, strength=float(strength),
+                   generator=[torch.Generator().manual_seed(s + 10_000) for s in seeds], **common).images
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--folder", required=True)
+    ap.add_argument("--pairs", default="pastel+dots,pastel+stripes,sepia+dots,sepia+stripes")
+    ap.add_argument("--plans", required=True, help="';'-separated P1,T1/P2,T2@S")
+    ap.add_argument("--n", type=int, default=48)
+    args = ap.parse_args()
+    pipe = load_base()
+    pipe.set_progress_bar_config(disable=True)
+    img2img = StableDiffusionImg2ImgPipeline(**pipe.components)
+    img2img.set_progress_bar_config(disable=True)
+    rng = np.random.default_rng(500)
+    scenes = [Scene(*TRAIN_COMBOS[i]) for i in rng.choice(len(TRAIN_COMBOS), args.n, replace=False)]
+    seeds = [500 + i for i in range(args.n)]
+    for pair in args.pairs.split(","):
+        pal, tech = pair.split("+")
+        fused = Fused(pipe, [{k: layer.delta() for k, layer in load_adapter(f"{args.folder}/{s}.safetensors").layers.items()}
+                             for s in (pal, tech)])
+        prompts = [", ".join([s.caption(), pal, tech]) for s in scenes]
+        for plan in args.plans.split(";"):
+            t = time.time()
+            r = score(staged(pipe, img2img, fused, plan, prompts, seeds), scenes, per_image=True)
+            per_image = r.pop("per_image")
+            print(json.dumps({"pair": pair, "plan": plan, "both": round(both_rate(per_image, [pal, tech]), 3),
+                              pal: round(r["palette"][pal], 2), tech: round(r["technique"][tech], 2),
+                              "shape": round(r["shape_acc"], 3), "colour": round(r["color_acc"], 3),
+                              "s": round(time.time() - t, 1)}), flush=True)
+        fused.restore()
+
+
+if __name__ == "__main__":
+    main()
