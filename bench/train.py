@@ -23,10 +23,11 @@ Settings
 
 Contenders per setting: the peer; stylelora (cross-attn + TE); stylelora with train_text_encoder=False;
 on the tiny base also stylelora with the peer's own LoRA (targets=attn, frozen text encoder), which
-isolates what caching buys from what the smaller default target set buys. sdxl: the peer,
-stylelora (cross-attn + TE) and stylelora UNet-only (sd-scripts' advice for SDXL) in float32, and the
-first two again in bf16 (the example's --mixed_precision bf16,
-stylelora's mixed_precision="bf16"), each bf16 row's ratios against the bf16 example.
+isolates what caching buys from what the smaller default target set buys. sdxl, each row against
+the example doing the same work at the same precision: stylelora (cross-attn + TE) against the example
+with --train_text_encoder; stylelora UNet-only (sd-scripts' advice for SDXL) against the example as
+it runs by default, in float32 and in bf16 (the example's --mixed_precision bf16, stylelora's
+mixed_precision="bf16").
 
 The stylelora contenders run with THP_MEM_ALLOC_ENABLE=1 (torch's allocator asks for transparent
 huge pages), as the `stylelora` command sets it; the example runs without, as it ships, and once
@@ -375,9 +376,10 @@ def worker_peer_sdxl(job: dict) -> dict:
     train_text_to_image_sdxl.py precomputes them with a dataset .map; this one does not); add_time_ids =
     original size + crop top-left + (resolution, resolution). Frozen UNet and both text encoders in the
     weight dtype (--mixed_precision), PEFT LoRA r = alpha = rank, gaussian init, on the UNet's to_k/to_q/
-    to_v/to_out.0, no text-encoder LoRA (--train_text_encoder off), AdamW (1e-4, wd 1e-2), constant LR
-    schedule, epsilon MSE (--snr_gamma unset), accelerate prepare/accumulate/backward, the per-step loss
-    gather, and a gradient clip that works here (its parameters are a list, not a spent filter)."""
+    to_v/to_out.0, AdamW (1e-4, wd 1e-2), constant LR schedule, epsilon MSE (--snr_gamma unset),
+    accelerate prepare/accumulate/backward, the per-step loss gather, and a gradient clip that works here
+    (its parameters are a list, not a spent filter). job["train_text_encoder"] = its --train_text_encoder:
+    the same LoRA on both text encoders' q/k/v/out_proj, trained with the UNet's (one optimizer, one LR)."""
     import io
 
     import numpy as np
@@ -415,9 +417,15 @@ def worker_peer_sdxl(job: dict) -> dict:
     text_encoder_two.to(accelerator.device, dtype=weight_dtype)
     unet.add_adapter(LoraConfig(r=job["rank"], lora_alpha=job["rank"], init_lora_weights="gaussian",
                                 target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
+    train_te = job.get("train_text_encoder", False)
+    trained = [unet, text_encoder_one, text_encoder_two] if train_te else [unet]
+    if train_te:
+        for te in (text_encoder_one, text_encoder_two):
+            te.add_adapter(LoraConfig(r=job["rank"], lora_alpha=job["rank"], init_lora_weights="gaussian",
+                                      target_modules=["q_proj", "k_proj", "v_proj", "out_proj"]))
     if precision == "fp16":
-        cast_training_params([unet], dtype=torch.float32)
-    params_to_optimize = list(filter(lambda p: p.requires_grad, unet.parameters()))
+        cast_training_params(trained, dtype=torch.float32)
+    params_to_optimize = [p for m in trained for p in m.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params_to_optimize, lr=1e-4, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
 
     pairs = _load_pairs(Path(job["data"]))
@@ -469,12 +477,19 @@ def worker_peer_sdxl(job: dict) -> dict:
     total = job["warmup"] + job["timed"]
     loader = torch.utils.data.DataLoader(Folder(), shuffle=True, collate_fn=collate, batch_size=bs, num_workers=0)
     lr_scheduler = get_scheduler("constant", optimizer=optimizer, num_warmup_steps=500, num_training_steps=total)
-    unet, optimizer, loader, lr_scheduler = accelerator.prepare(unet, optimizer, loader, lr_scheduler)
+    if train_te:
+        unet, text_encoder_one, text_encoder_two, optimizer, loader, lr_scheduler = accelerator.prepare(
+            unet, text_encoder_one, text_encoder_two, optimizer, loader, lr_scheduler)
+    else:
+        unet, optimizer, loader, lr_scheduler = accelerator.prepare(unet, optimizer, loader, lr_scheduler)
 
     stamps: dict[int, float] = {}
     global_step = 0
     while global_step < total:
         unet.train()
+        if train_te:
+            text_encoder_one.train()
+            text_encoder_two.train()
         train_loss = 0.0
         for batch in loader:
             with accelerator.accumulate(unet):
@@ -513,7 +528,7 @@ def worker_peer_sdxl(job: dict) -> dict:
             _ = {"step_loss": loss.detach().item(), "lr": lr_scheduler.get_last_lr()[0]}  # its progress bar
             if global_step >= total:
                 break
-    return {"stamps": stamps, "lora_params": sum(p.numel() for n, p in unet.named_parameters() if "lora_" in n)}
+    return {"stamps": stamps, "lora_params": sum(p.numel() for m in trained for n, p in m.named_parameters() if "lora_" in n)}
 
 
 def worker_floor(job: dict) -> dict:
@@ -709,14 +724,19 @@ def main() -> None:
         bf16 = [("diffusers-example step, --mixed_precision bf16", {"kind": "peer", "precision": "bf16"}),
                 ("stylelora (cross-attn + TE LoRA), mixed_precision=bf16", {"kind": "stylelora", "train_text_encoder": True,
                                                              "precision": "bf16", "thp": True})]
-        # SDXL: issue #15's four, each against the example at the same precision (the bf16 row against the
-        # example in bf16). Fewer rows than SD1.5: each loads a 10 GB UNet and takes minutes.
+        # SDXL: issue #15's rows, each against the example doing the same work at the same precision.
+        # Fewer rows than SD1.5: each loads a 10 GB UNet and takes minutes.
         xl_peer = "diffusers SDXL-example step (peer)"
         xl_peer_bf16 = "diffusers SDXL-example step, --mixed_precision bf16"
-        sdxl = [(xl_peer, {"kind": "peer"}), (contenders[1][0], contenders[1][1]),
+        # the like-for-like peer of the text-encoder row: the example with --train_text_encoder
+        xl_peer_te = "diffusers SDXL-example step, --train_text_encoder"
+        xl_bf16 = "stylelora, train_text_encoder=False, mixed_precision=bf16"  # like for like with the bf16 example
+        te_vs, bf16_vs = {"vs": xl_peer_te, "vs_label": "TE peer"}, {"vs": xl_peer_bf16, "vs_label": "bf16 peer"}
+        sdxl = [(xl_peer, {"kind": "peer"}), (xl_peer_te, {"kind": "peer", "train_text_encoder": True, **te_vs}),
+                (contenders[1][0], {**contenders[1][1], **te_vs}),
                 (contenders[2][0], contenders[2][1]),  # UNet only: what sd-scripts advises for SDXL
-                (xl_peer_bf16, {"kind": "peer", "precision": "bf16", "vs": xl_peer_bf16}),
-                (bf16[1][0], {**bf16[1][1], "vs": xl_peer_bf16})]
+                (xl_peer_bf16, {"kind": "peer", "precision": "bf16", **bf16_vs}),
+                (xl_bf16, {"kind": "stylelora", "train_text_encoder": False, "precision": "bf16", "thp": True, **bf16_vs})]
         for s in settings:
             if s["key"] in ("sd15", "sdxl"):
                 sizes: dict[str, float] = {}
@@ -753,7 +773,7 @@ def main() -> None:
                 rows.append({"setting": s["label"], "contender": label, **r,
                              "speed_ratio": r["steps_per_s"] / ref["steps_per_s"],
                              "rss_ratio": r["peak_rss_mb"] / ref["peak_rss_mb"], "is_peer": label == vs,
-                             "vs": "bf16 peer" if vs != lineup[0][0] else None,
+                             "vs": extra.get("vs_label") if vs != lineup[0][0] else None,
                              "other_peer": extra["kind"] == "peer" and label != vs})
             if contenders[3][0] in best:
                 a, b = best[contenders[1][0]], best[contenders[3][0]]
@@ -766,7 +786,7 @@ def main() -> None:
                              f"{a['steps_per_s'] / b['steps_per_s']:.2f}× steps/s, "
                              f"{a['peak_rss_mb'] / b['peak_rss_mb']:.2f}× peak RSS.")
             if s["key"] == "sdxl":  # the bf16 row's ratios are against the bf16 example; here against float32
-                a, b = best[bf16[1][0]], best[xl_peer]
+                a, b = best[xl_bf16], best[xl_peer]
                 notes.append(f"{s['label']}: ratios of the bf16 rows are against the example in bf16 (same "
                              f"precision); stylelora bf16 / the float32 example = "
                              f"{a['steps_per_s'] / b['steps_per_s']:.2f}× steps/s, "
@@ -790,7 +810,8 @@ def main() -> None:
                      f"{err}. Steps/s and RSS come from the completed steps; no adapter was written. "
                      "A stylelora bug to fix in the trainer, not in this benchmark.")
     notes.append("Ratios are against the first row of each setting: the example step at its default precision "
-                 "(float32)" + ("; in the SDXL setting, rows marked 'vs bf16 peer' against the example in bf16."
+                 "(float32)" + ("; in the SDXL setting, rows marked 'vs TE peer' against the example with "
+                                "--train_text_encoder, 'vs bf16 peer' against the example in bf16."
                                 if "sdxl" in run else "."))
     table = render(rows, notes, threads, args, time.perf_counter() - t_all)
     print(table)
@@ -839,7 +860,8 @@ def render(rows: list[dict], notes: list[str], threads: int, args, total_s: floa
     if any(r["setting"].startswith("SDXL") for r in rows):
         lines[-1:] = ["- SDXL peer (train_text_to_image_lora_sdxl.py): the same LoRA, and every step both text "
                       "encoders and the VAE (float32 at every precision, as the script keeps it) run again; its "
-                      "gradient clip is real. See worker_peer_sdxl.", ""]
+                      "gradient clip is real; with --train_text_encoder it also puts the same LoRA on both text "
+                      "encoders' q/k/v/out_proj and trains them with the UNet's. See worker_peer_sdxl.", ""]
     return "\n".join(lines)
 
 
