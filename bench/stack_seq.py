@@ -16,40 +16,26 @@ import numpy as np
 import torch
 from diffusers import StableDiffusionImg2ImgPipeline
 
-from stylelora.adapters import load_adapter
 from stylelora.base import load_base
+from stylelora.blend import AdapterStack
 from stylelora.evaluate import both_rate, score
 from stylelora.world.render import TRAIN_COMBOS, Scene
 
 
-class Fused:
-    """Writes W0 + sum_i s_i dW_i into the targeted weights; restore() puts W0 back."""
-
-    def __init__(self, pipe, deltas: list[dict]):
-        self.pipe, self.deltas = pipe, deltas
-        self.w0 = {k: self.module(k).weight.data.clone() for k in deltas[0]}
-
-    def module(self, key: str):
-        component, _, path = key.partition(".")
-        return getattr(self.pipe, component).get_submodule(path)
-
-    def set(self, scales: list[float]) -> None:
-        for k, w in self.w0.items():
-            self.module(k).weight.data = w + sum(s * d[k] for s, d in zip(scales, self.deltas))
-
-    def restore(self) -> None:
-        for k, w in self.w0.items():
-            self.module(k).weight.data = w
+def raw_scales(names: list[str], text: str) -> dict:
+    """'P,T' as AdapterStack scales: raw (no strength map), the same on the UNet and the text encoder."""
+    return {n: {"unet": float(v), "text_encoder": float(v), "raw": True} for n, v in zip(names, text.split(","))}
 
 
-def staged(pipe, img2img, fused: Fused, plan: str, prompts: list[str], seeds: list[int]):
+def staged(pipe, img2img, stack: AdapterStack, plan: str, prompts: list[str], seeds: list[int]):
+    """set_scales writes the merge of the given scales into the weights the plain pipelines use."""
     first, rest = plan.split("/")
     second, strength = rest.split("@")
     common = {"negative_prompt": [""] * len(prompts), "num_inference_steps": 20, "guidance_scale": 5.0}
-    fused.set([float(s) for s in first.split(",")])
+    stack.set_scales(raw_scales(stack.names, first))
     latents = pipe(prompt=prompts, generator=[torch.Generator().manual_seed(s) for s in seeds],
                    output_type="latent", **common).images
-    fused.set([float(s) for s in second.split(",")])
+    stack.set_scales(raw_scales(stack.names, second))
     return img2img(prompt=prompts, image=latents, strength=float(strength),
                    generator=[torch.Generator().manual_seed(s + 10_000) for s in seeds], **common).images
 
@@ -70,18 +56,19 @@ def main() -> None:
     seeds = [500 + i for i in range(args.n)]
     for pair in args.pairs.split(","):
         pal, tech = pair.split("+")
-        fused = Fused(pipe, [{k: layer.delta() for k, layer in load_adapter(f"{args.folder}/{s}.safetensors").layers.items()}
-                             for s in (pal, tech)])
+        stack = AdapterStack(pipe)
+        for style in (pal, tech):
+            stack.add(style, f"{args.folder}/{style}.safetensors", {"raw": True})
         prompts = [", ".join([s.caption(), pal, tech]) for s in scenes]
         for plan in args.plans.split(";"):
             t = time.time()
-            r = score(staged(pipe, img2img, fused, plan, prompts, seeds), scenes, per_image=True)
+            r = score(staged(pipe, img2img, stack, plan, prompts, seeds), scenes, per_image=True)
             per_image = r.pop("per_image")
             print(json.dumps({"pair": pair, "plan": plan, "both": round(both_rate(per_image, [pal, tech]), 3),
                               pal: round(r["palette"][pal], 2), tech: round(r["technique"][tech], 2),
                               "shape": round(r["shape_acc"], 3), "colour": round(r["color_acc"], 3),
                               "s": round(time.time() - t, 1)}), flush=True)
-        fused.restore()
+        stack.reset()
 
 
 if __name__ == "__main__":

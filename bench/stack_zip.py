@@ -31,52 +31,38 @@ def scenes(seed: int, n: int) -> list[Scene]:
     return [Scene(*TRAIN_COMBOS[i]) for i in rng.choice(len(TRAIN_COMBOS), n, replace=False)]
 
 
-class Weights:
-    """Writes updates into the pipeline's targeted weights and puts the base back."""
-
-    def __init__(self, pipe):
-        self.pipe, self.w0 = pipe, {}
-
-    def module(self, key: str):
-        component, _, path = key.partition(".")
-        return getattr(self.pipe, component).get_submodule(path)
-
-    def set(self, deltas: dict) -> None:
-        for k, d in deltas.items():
-            m = self.module(k)
-            self.w0.setdefault(k, m.weight.data.clone())
-            m.weight.data = self.w0[k] + d
-
-    def reset(self) -> None:
-        for k, w in self.w0.items():
-            self.module(k).weight.data = w.clone()
+def raw(a: float, b: float) -> dict:
+    """AdapterStack scales for adapters "A" and "B": raw, the same on the UNet and the text encoder."""
+    return {n: {"unet": v, "text_encoder": v, "raw": True} for n, v in (("A", a), ("B", b))}
 
 
 @torch.no_grad()
-def teacher_set(pipe, weights: Weights, own: dict, summed_te: dict, trigger: str, seed: int, n: int):
-    """Latents the adapter alone draws for n of its trigger prompts; the prompts' embeddings through
-    its own text encoder and through the merged one."""
+def teacher_set(pipe, stack: AdapterStack, own: tuple[float, float], trigger: str, seed: int, n: int):
+    """Latents the adapter alone (stack scales `own`) draws for n of its trigger prompts; the prompts'
+    embeddings through its own text encoder and through the merged one (both adapters at 1)."""
     prompts = [f"{s.caption()}, {trigger}" for s in scenes(seed, n)]
     ids = pipe.tokenizer(prompts, padding="max_length", max_length=pipe.tokenizer.model_max_length,
                          truncation=True, return_tensors="pt").input_ids
-    weights.set(own)
+    stack.set_scales(raw(*own))
     latents = pipe(prompts, num_inference_steps=20, guidance_scale=5.0, output_type="latent",
                    generator=torch.Generator().manual_seed(seed)).images
     own_emb = pipe.text_encoder(ids)[0]
-    weights.set(summed_te)
+    stack.set_scales(raw(1.0, 1.0))
     merged_emb = pipe.text_encoder(ids)[0]
-    weights.reset()
+    stack.set_scales(raw(0.0, 0.0))
     return latents, own_emb, merged_emb
 
 
 def zip_merge(pipe, dA: dict, dB: dict, pal: str, tech: str, args) -> dict:
-    weights = Weights(pipe)
-    summed_te = {k: dA[k] + dB[k] for k in dA if not k.startswith("unet.")}
-    sets = [(d, *teacher_set(pipe, weights, d, summed_te, trig, 900 + i, args.n_teach))
-            for i, (d, trig) in enumerate(((dA, pal), (dB, tech)))]
+    stack = AdapterStack(pipe)
+    for name, d in (("A", dA), ("B", dB)):
+        stack.add(name, Adapter(layers={k: FullDiff(v) for k, v in d.items()}), raw(0.0, 0.0)[name])
+    sets = [(d, *teacher_set(pipe, stack, own, trig, 900 + i, args.n_teach))
+            for i, (d, own, trig) in enumerate(((dA, (1.0, 0.0), pal), (dB, (0.0, 1.0), tech)))]
+    stack.reset()
     ukeys = [k for k in dA if k.startswith("unet.")]
     names = {k: k[len("unet."):] + ".weight" for k in ukeys}
-    w0 = {k: weights.module(k).weight.detach() for k in ukeys}
+    w0 = {k: pipe.unet.get_submodule(k[len("unet."):]).weight.detach() for k in ukeys}
     mA = {k: torch.ones(dA[k].shape[1], requires_grad=True) for k in ukeys}
     mB = {k: torch.ones(dB[k].shape[1], requires_grad=True) for k in ukeys}
     opt = torch.optim.Adam([*mA.values(), *mB.values()], lr=args.lr)
