@@ -88,6 +88,15 @@ def merged(variant: str, a: torch.Tensor, b: torch.Tensor, key: str) -> torch.Te
     raise ValueError(f"unknown variant {variant!r}")
 
 
+def report(images, scenes, styles: list[str], pal: str, tech: str, **fields) -> None:
+    """One JSON line: `fields` first, then the judge's both-styles rate over `styles`, each family's
+    rate for the pair's palette and technique, shape and colour accuracy."""
+    r = score(images, scenes, per_image=True)
+    print(json.dumps({**fields, "both": round(both_rate(r.pop("per_image"), styles), 3),
+                      pal: round(r["palette"][pal], 2), tech: round(r["technique"][tech], 2),
+                      "shape": round(r["shape_acc"], 3), "colour": round(r["color_acc"], 3)}), flush=True)
+
+
 def soup(folders: str, style: str) -> dict[str, torch.Tensor]:
     """Each layer's update (alpha / rank applied), averaged over the runs in 'DIR1+DIR2+...'."""
     runs = [load_adapter(f"{folder}/{style}.safetensors") for folder in folders.split("+")]
@@ -158,12 +167,9 @@ def main() -> None:
                       {"unet": 1.0, "text_encoder": 1.0, "raw": True})
             prompts = [", ".join([s.caption(), *styles]) for s in scenes]
             t = time.time()
-            r = score(stack_images(stack, pipe, prompts, seeds, "merge", guidance=args.guidance), scenes, per_image=True)
-            print(json.dumps({"pair": pair, "variant": variant, "guidance": args.guidance, "rescale": args.rescale,
-                              "both": round(both_rate(r.pop("per_image"), styles), 3),
-                              pal: round(r["palette"][pal], 2), tech: round(r["technique"][tech], 2),
-                              "shape": round(r["shape_acc"], 3), "colour": round(r["color_acc"], 3),
-                              "s": round(time.time() - t, 1)}), flush=True)
+            images = stack_images(stack, pipe, prompts, seeds, "merge", guidance=args.guidance)
+            report(images, scenes, styles, pal, tech, pair=pair, variant=variant, guidance=args.guidance,
+                   rescale=args.rescale, s=round(time.time() - t, 1))
             stack.reset()
 
 

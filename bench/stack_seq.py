@@ -9,7 +9,6 @@ combinations, seed 500).
     python bench/stack_seq.py --folder runs/styles/defaults --plans "1,0/0,1@0.5;0,1/1,0@0.3"
 """
 import argparse
-import json
 import time
 
 import numpy as np
@@ -18,8 +17,8 @@ from diffusers import StableDiffusionImg2ImgPipeline
 
 from stylelora.base import load_base
 from stylelora.blend import AdapterStack
-from stylelora.evaluate import both_rate, score
 from stylelora.world.render import TRAIN_COMBOS, Scene
+from stack_merges import report  # bench/ is on the path when run as a script
 
 
 def raw_scales(names: list[str], text: str) -> dict:
@@ -62,12 +61,8 @@ def main() -> None:
         prompts = [", ".join([s.caption(), pal, tech]) for s in scenes]
         for plan in args.plans.split(";"):
             t = time.time()
-            r = score(staged(pipe, img2img, stack, plan, prompts, seeds), scenes, per_image=True)
-            per_image = r.pop("per_image")
-            print(json.dumps({"pair": pair, "plan": plan, "both": round(both_rate(per_image, [pal, tech]), 3),
-                              pal: round(r["palette"][pal], 2), tech: round(r["technique"][tech], 2),
-                              "shape": round(r["shape_acc"], 3), "colour": round(r["color_acc"], 3),
-                              "s": round(time.time() - t, 1)}), flush=True)
+            images = staged(pipe, img2img, stack, plan, prompts, seeds)
+            report(images, scenes, [pal, tech], pal, tech, pair=pair, plan=plan, s=round(time.time() - t, 1))
         stack.reset()
 
 

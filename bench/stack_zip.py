@@ -10,7 +10,6 @@ encoders' updates are summed. The merged update is then scored on the stack prom
     python bench/stack_zip.py --folder runs/styles/defaults      # ~1.5 min per pair on 2 cores
 """
 import argparse
-import json
 import time
 
 import numpy as np
@@ -21,9 +20,10 @@ from torch.func import functional_call
 from stylelora.adapters import Adapter, load_adapter
 from stylelora.base import load_base
 from stylelora.blend import AdapterStack
-from stylelora.evaluate import both_rate, score, stack_images
+from stylelora.evaluate import stack_images
 from stylelora.lycoris import FullDiff
 from stylelora.world.render import TRAIN_COMBOS, Scene
+from stack_merges import report  # bench/ is on the path when run as a script
 
 
 def scenes(seed: int, n: int) -> list[Scene]:
@@ -111,13 +111,9 @@ def main() -> None:
         stack.add("zip", Adapter(layers={k: FullDiff(v) for k, v in merged.items()}),
                   {"unet": 1.0, "text_encoder": 1.0, "raw": True})
         prompts = [", ".join([s.caption(), pal, tech]) for s in eval_scenes]
-        r = score(stack_images(stack, pipe, prompts, [500 + i for i in range(args.n)], "merge"), eval_scenes,
-                  per_image=True)
-        per_image = r.pop("per_image")
-        print(json.dumps({"pair": pair, "variant": f"zip{args.steps}", "both": round(both_rate(per_image, [pal, tech]), 3),
-                          pal: round(r["palette"][pal], 2), tech: round(r["technique"][tech], 2),
-                          "shape": round(r["shape_acc"], 3), "colour": round(r["color_acc"], 3),
-                          "merge_s": round(seconds, 1)}), flush=True)
+        images = stack_images(stack, pipe, prompts, [500 + i for i in range(args.n)], "merge")
+        report(images, eval_scenes, [pal, tech], pal, tech, pair=pair, variant=f"zip{args.steps}",
+               merge_s=round(seconds, 1))
         stack.reset()
 
 
