@@ -9,13 +9,14 @@ the adapter is added, against this stack's W0. W0 is copied for targeted layers 
 rewritten only when its list of (adapter, coefficient) terms changed, and adapters at scale 0 never enter
 that list, so loaded-but-inactive adapters cost nothing.
 
-balanced (the default) is that merge with every active adapter's scale times N ** (-BALANCE_EXPONENT),
-N the number of active adapters: one adapter is plain merge bit for bit; two sit at 0.93 each. Two style
-adapters summed at full strength overshoot (styles seen, shapes and colours lost: README, "Stacking").
-The exponent was 1/3 (0.79 each) while every adapter trained from one seed's LoRA init: their updates
-then shared a part (cosine 0.2-0.6 per layer) that a sum counts twice. Adapters now start from a seed
-of their data (train.py), their updates are nearly orthogonal, and a milder factor keeps more of each
-style; 0.1 was chosen on prompts from the pretraining combinations, not the held-out ones.
+merge is the default. balanced is that merge with every active adapter's scale times
+N ** (-BALANCE_EXPONENT), N the number of active adapters: one adapter is plain merge bit for bit; two
+sit at 0.93 each. It was the default while adapters trained for 1500 steps of batch 8: summed at full
+strength those overshoot (styles seen, shapes and colours lost: README, "Stacking"). Adapters of the
+current defaults (500 steps of 24 images) keep shapes summed at 1.0 / 1.0, and turning them down loses
+more style than it saves shape, so merge became the default again. The exponent was 1/3 while every
+adapter trained from one seed's LoRA init (their updates then shared a part a sum counts twice); 0.1
+was chosen on prompts from the pretraining combinations, not the held-out ones.
 
 switch / composite (Zhong et al. 2024, "Multi-LoRA Composition for Image Generation") intercept
 only the UNet call of the unchanged diffusers pipeline (its scheduler, guidance and decoding all
@@ -247,7 +248,7 @@ class AdapterStack:
 
     @torch.no_grad()
     def generate(self, prompt: str, negative: str | None = None, seed: int = 0, steps: int | None = None,
-                 guidance: float | None = None, size: tuple[int, int] | None = None, mode: str = "balanced",
+                 guidance: float | None = None, size: tuple[int, int] | None = None, mode: str = MODES[0],
                  scales: Mapping[str, Any] | None = None, switch_every: int = 1, output_type: str = "pil"):
         """One image. `scales`, if given, is complete for this call (adapters it does not name are
         off) and is not stored. Seed s is torch.Generator('cpu').manual_seed(s), as in diffusers."""

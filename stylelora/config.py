@@ -17,10 +17,10 @@ from pathlib import Path
 DEFAULT_STEPS = 20
 DEFAULT_GUIDANCE = 5.0
 # How stacked adapters combine (stylelora/blend.py); the first is the default.
-MODES = ("balanced", "merge", "switch", "composite")
-MODE_HELP = ("balanced (default): fused sum, each of N active adapters at its scale x N^(-0.1), 0.93 for two (one adapter: "
-             "merge); merge: fused weighted sum; switch: one adapter per step; composite: per-step average "
-             "of each adapter's guided prediction")
+MODES = ("merge", "balanced", "switch", "composite")
+MODE_HELP = ("merge (default): fused weighted sum; balanced: the same sum with each of N active adapters at its scale "
+             "x N^(-0.1), 0.93 for two (one adapter: merge); switch: one adapter per step; composite: per-step "
+             "average of each adapter's guided prediction")
 # What generation accepts (check_generation): sampling steps 1..MAX_STEPS (schedulers have 1000
 # training timesteps), guidance 0..MAX_GUIDANCE (diffusers guides only above 1: 0 to 1 all give the
 # unguided image; past ~30 images burn out, and inf is a black image), seeds 0..MAX_SEED.
@@ -105,9 +105,13 @@ class TrainConfig:
     lora_dropout: float = _opt(0.0, "dropout on the LoRA branch")
     train_text_encoder: bool = _opt(True, "also put LoRA on the text encoder's q/k/v/out projections")
     # optimisation
-    steps: int = _opt(1500, "optimizer steps")
+    # 500 steps of 24 images (8 x 3 accumulated) see as many images as the earlier 1500 x 8, in a third
+    # of the optimizer steps with a third of the gradient noise, and stack far better: summed at 1.0 /
+    # 1.0 they keep the shape on 94-98% of prompts where 1500 x 8 kept 80-84% (README, "Stacking").
+    # Accumulated rather than batch 24, so a GPU needs no more memory than before.
+    steps: int = _opt(500, "optimizer steps")
     batch_size: int = _opt(8, "images per micro-batch and process (a step sees batch_size x grad_accum x processes)")
-    grad_accum: int = _opt(1, "gradient accumulation: batches per optimizer step")
+    grad_accum: int = _opt(3, "gradient accumulation: batches per optimizer step")
     # measured on the example styles: stripes 86 -> 90% hit at 1.0 (README)
     lr: float = _opt(2e-3, "learning rate of the UNet LoRA")
     te_lr: float | None = _opt(None, "learning rate of the text-encoder LoRA; unset = lr / 2")
@@ -140,8 +144,8 @@ class TrainConfig:
     run_dir: str | None = _opt(None, "folder for the loss log, samples and checkpoints; unset = OUT without "
                                      ".safetensors + .run")
     log_every: int = _opt(10, "steps between loss-log rows")
-    sample_every: int = _opt(500, "steps between sample grids (0 = never)")
-    checkpoint_every: int = _opt(500, "steps between checkpoints of the full training state (0 = never)")
+    sample_every: int = _opt(250, "steps between sample grids (0 = never)")
+    checkpoint_every: int = _opt(100, "steps between checkpoints of the full training state (0 = never)")
     keep_checkpoints: int = _opt(2, "checkpoints kept (older ones are deleted)")
     resume: str | None = _opt(None, "continue from a checkpoint folder, or a run folder's latest checkpoint")
     progress: bool = _opt(True, "show a progress bar")

@@ -1,5 +1,5 @@
 """Stacking end to end, as the README measures it: a palette and a technique adapter, each trained on
-its example folder with the default settings, stacked at 1.0 / 1.0 in the default (balanced) mode,
+its example folder with the default settings, stacked at 1.0 / 1.0 in the default (merge) mode,
 scored by the judge on held-out prompts."""
 
 from pathlib import Path
@@ -8,6 +8,7 @@ import pytest
 
 from stylelora.base import load_base
 from stylelora.blend import AdapterStack
+from stylelora.config import MODES
 from stylelora.evaluate import both_rate, heldout_scenes, score, stack_images
 from stylelora.train import TrainConfig, train
 
@@ -15,7 +16,7 @@ DATASETS = Path(__file__).resolve().parents[1] / "datasets"
 
 
 @pytest.mark.slow
-def test_default_adapters_stack_in_balanced_mode(tmp_path):
+def test_default_adapters_stack_in_the_default_mode(tmp_path):
     for style in ("pastel", "dots"):
         train(TrainConfig(dataset=str(DATASETS / style), out=str(tmp_path / f"{style}.safetensors"), progress=False))
     pipe = load_base()
@@ -30,11 +31,13 @@ def test_default_adapters_stack_in_balanced_mode(tmp_path):
         r = score(stack_images(stack, pipe, prompts, list(range(len(scenes))), mode), scenes, per_image=True)
         return {"both": both_rate(r["per_image"], ["pastel", "dots"]), "shape": r["shape_acc"], "colour": r["color_acc"]}
 
-    # bench/styles.py, 100 prompts: balanced 85% both, 85% shape, 84% colour; merge 93% / 76% / 84%.
-    # These 48 (the same adapters, deterministic): balanced 85% / 85% / 85%; merge 94% / 77% / 83%.
-    # The issue's goal (90% / 90% / 85%) is not met; these bounds hold what was reached.
-    balanced, merge = judged("balanced"), judged("merge")
-    assert balanced["both"] >= 0.8 and balanced["shape"] >= 0.8 and balanced["colour"] >= 0.8, balanced
-    assert balanced["shape"] >= merge["shape"] + 0.05, (balanced, merge)  # what balancing is for
+    # bench/styles.py, 100 prompts: merge 93% both, 88% shape, 87% colour; balanced 90% / 94% / 92%.
+    # These 48 (the same adapters, deterministic): merge 90% / 90% / 90%; balanced 88% / 96% / 94%.
+    # The issue's goal (90% / 90% / 85%) is not met in every pair; these bounds hold what was reached.
+    default, balanced = judged(MODES[0]), judged("balanced")
+    assert MODES[0] == "merge"
+    assert default["both"] >= 0.85 and default["shape"] >= 0.85 and default["colour"] >= 0.85, default
+    assert default["both"] >= balanced["both"], (default, balanced)  # why merge is the default now
+    assert balanced["shape"] >= default["shape"] + 0.04, (default, balanced)  # and what balancing still buys
     stack.set_scales({"pastel": 0.0, "dots": 0.0})
-    assert judged("balanced")["both"] == 0.0
+    assert judged(MODES[0])["both"] == 0.0

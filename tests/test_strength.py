@@ -74,7 +74,7 @@ def test_eval_intensity_is_0_at_strength_0_and_1_at_strength_1(tiny_random_pipe)
     for s in (0.0, 1.0):  # the images are then the ends themselves, exactly
         stack.set_scales({"cal": s})
         r = evaluate(tiny_random_pipe, n=2, triggers=["pastel"], stack=stack, intensity=True, steps=2)
-        assert r["mode"] == "balanced" and r["intensity"] == {"pastel": s}, r
+        assert r["mode"] == "merge" and r["intensity"] == {"pastel": s}, r
     stack.set_scales({"cal": 0.5})
     assert stack.scales["cal"].unet == 0.5  # restored after the extra generations
     stack.reset()

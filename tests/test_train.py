@@ -49,7 +49,7 @@ def test_min_snr_gamma_zero_turns_the_weighting_off_from_the_cli(tmp_path, tiny_
     train(_cfg(tiny_base, style_folder, tmp_path / "off.safetensors", steps=2, min_snr_gamma=args.min_snr_gamma))
     assert calls == []
     train(_cfg(tiny_base, style_folder, tmp_path / "on.safetensors", steps=2))  # the default, 5
-    assert len(calls) == 2 and calls[0][2] == 5.0
+    assert len(calls) == 2 * TrainConfig().grad_accum and calls[0][2] == 5.0  # once per micro-batch
 
 
 def test_toml_unknown_keys_are_named(tmp_path):
@@ -173,6 +173,47 @@ def test_resume_continues_exactly(tiny_base, style_folder, tmp_path, monkeypatch
     a, b = _weights(full), _weights(resumed)
     assert a.keys() == b.keys()
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+
+
+def test_gradient_accumulation_steps_the_optimizer_once_per_grad_accum_batches(tiny_base, style_folder, tmp_path,
+                                                                                 monkeypatch):
+    """The default accumulates 3 micro-batches per step: the optimizer steps once per step, on the
+    gradients summed over them (zeroed after a step only), not once per micro-batch."""
+    from safetensors.torch import load_file
+
+    optimizers, events = [], []
+    real_init, real_step, real_backward = torch.optim.AdamW.__init__, torch.optim.AdamW.step, torch.Tensor.backward
+
+    def first_grad():  # the first LoRA up-projection (out x rank 2): every micro-batch gives it a gradient
+        p = next(p for g in optimizers[0].param_groups for p in g["params"] if p.shape[-1] == 2 < p.shape[0])
+        return None if p.grad is None else p.grad.clone()
+
+    def init(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        optimizers.append(self)
+
+    def step(self, *args, **kwargs):
+        events.append(("step", first_grad()))
+        return real_step(self, *args, **kwargs)
+
+    def backward(self, *args, **kwargs):
+        before = first_grad()
+        real_backward(self, *args, **kwargs)
+        events.append(("backward", before, first_grad()))
+
+    monkeypatch.setattr(torch.optim.AdamW, "__init__", init)
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    monkeypatch.setattr(torch.Tensor, "backward", backward)
+    train(_cfg(tiny_base, style_folder, tmp_path / "a.safetensors", steps=2, grad_accum=3, checkpoint_every=1,
+               keep_checkpoints=2, caption_dropout=0.0))
+    assert [e[0] for e in events] == ["backward"] * 3 + ["step"] + ["backward"] * 3 + ["step"]
+    for first in (0, 4):  # each step's first micro-batch starts from zero, the next two add to it
+        assert events[first][1] is None
+        for k in (1, 2):
+            before, after = events[first + k][1], events[first + k][2]
+            assert torch.equal(before, events[first + k - 1][2]) and not torch.equal(after, before)
+    state = load_file(str(tmp_path / "a.run" / "checkpoints" / "step-000001" / "optimizer.safetensors"))
+    assert {float(v) for k, v in state.items() if k.endswith("::step")} == {1.0}
 
 
 @pytest.mark.slow
@@ -366,9 +407,9 @@ def test_v_prediction_base_trains_against_the_velocity(tiny_base, style_folder, 
     real = DDPMScheduler.get_velocity
     monkeypatch.setattr(DDPMScheduler, "get_velocity", lambda self, *a: calls.append(1) or real(self, *a))
     v_out = train(_cfg(tiny_base, style_folder, tmp_path / "v.safetensors", steps=4, base=str(vbase)))
-    assert len(calls) == 4
+    assert len(calls) == 4 * TrainConfig().grad_accum  # once per micro-batch
     eps_out = train(_cfg(tiny_base, style_folder, tmp_path / "e.safetensors", steps=4))
-    assert len(calls) == 4  # the epsilon base never asks for the velocity
+    assert len(calls) == 4 * TrainConfig().grad_accum  # the epsilon base never asks for the velocity
     v, e = _weights(v_out), _weights(eps_out)
     assert all(torch.isfinite(x).all() for x in v.values())
     assert max((v[k] - e[k]).abs().max().item() for k in v) > 1e-4
