@@ -4,7 +4,7 @@ default targets (cross-attention only), for comparison.
 
     python bench/styles.py [--n 100] [--out runs/styles]
     python bench/styles.py --base embedded-xl     # the SDXL-architecture twin: defaults only, fused modes
-    python bench/styles.py --variants defaults    # the defaults only (~35 min on 2 cores)
+    python bench/styles.py --variants defaults    # the defaults only (~45 min on 2 cores)
 
 
 For each style: training time, then on held-out prompts (caption + trigger word) the fraction of
