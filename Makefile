@@ -36,7 +36,7 @@ test-fast: $(VENV)/.installed
 pretrain: $(VENV)/.installed
 	$(BIN)/stylelora world pretrain --out stylelora/world/assets
 
-# Quality and speed tables for the README (bench/results/*.md); ~35 min on 2 cores, run alone.
+# Quality and speed tables for the README (bench/results/*.md); ~75 min on 2 cores, run alone.
 bench: $(VENV)/.installed
 	$(BIN)/python bench/base.py
 	$(BIN)/python bench/styles.py

@@ -38,7 +38,7 @@ def _train_rate(out_dir: str) -> float:
 
     stamps = []
     cfg = TrainConfig(dataset=str(ROOT / "datasets" / "dots"), out=str(Path(out_dir) / "dots.safetensors"),
-                      steps=STEPS, log_every=1, sample_every=0, checkpoint_every=0, progress=False,
+                      steps=STEPS, grad_accum=1, log_every=1, sample_every=0, checkpoint_every=0, progress=False,
                       calibrate_strength=False)
     train(cfg, on_log=lambda e: stamps.append(time.perf_counter()) if "loss" in e else None)
     gaps = [b - a for a, b in zip(stamps[WARMUP:], stamps[WARMUP + 1:])]

@@ -4,7 +4,7 @@ Each variant turns the two adapters' per-layer updates dA, dB (dense, alpha / ra
 update, fused as a single adapter; the stack prompt names both trigger words:
 
   merge       dA + dB (the plain weighted sum at 1.0 / 1.0)
-  kF          F * (dA + dB): the balanced mode's factor F for two adapters (k0.93 = today's default)
+  kF          F * (dA + dB): the balanced mode's factor F for two adapters (k0.93 = the balanced mode for two; merge is the default)
   aFbG        F * dA + G * dB: a factor per adapter (palette F, technique G): what any per-adapter
               choice of fused scales can reach (a0.9b0.8)
   GROUP=F     the layers whose group (see --layers: 'up0 ff', 'mid cross-attn', 'text encoder', ...)

@@ -139,7 +139,7 @@ def main() -> None:
         del VARIANTS[label], VARIANT_MODES[label]
     if args.base:  # one variant, the fused modes; its own results file and pictures
         VARIANTS.clear(), VARIANT_MODES.clear()
-        VARIANTS["defaults"], VARIANT_MODES["defaults"] = {"base": args.base}, ("balanced", "merge")
+        VARIANTS["defaults"], VARIANT_MODES["defaults"] = {"base": args.base}, ("merge", "balanced")
         args.out = str(Path(args.out).with_name(Path(args.out).name + "-" + args.base))
     if args.smoke:
         for overrides in VARIANTS.values():

@@ -9,7 +9,8 @@ scheduler, epsilon MSE loss, accelerate prepare/accumulate/backward, the per-ste
 its gradient clipping call (a no-op there too: its parameter filter was consumed by the
 optimizer). stylelora runs `stylelora.train.train` with its defaults except the targets: cross-attention (the
 card's injection points; the default `attn-ff` also trains self-attention and feed-forward) + text
-encoder LoRA, rank 4; latents cached, text embeddings cached when the text encoder is frozen.
+encoder LoRA, rank 4, and one batch per step (`grad_accum=1`, as the peer; the default accumulates 3);
+latents cached, text embeddings cached when the text encoder is frozen.
 
 Settings
   tiny   the embedded 64 px shapes base, batch 8, the pastel dataset (32 images)
@@ -227,7 +228,7 @@ def worker_stylelora(job: dict) -> dict:
 
     out = Path(job["tmp"]) / f"{job['name']}.safetensors"
     cfg = TrainConfig(dataset=job["data"], out=str(out), base=job["base"], resolution=job["resolution"],
-                      batch_size=job["batch"], rank=job["rank"], targets=job.get("targets", "cross-attn"),
+                      batch_size=job["batch"], grad_accum=1, rank=job["rank"], targets=job.get("targets", "cross-attn"),
                       train_text_encoder=job["train_text_encoder"], steps=job["warmup"] + job["timed"],
                       sample_every=0, checkpoint_every=0, progress=False, log_every=1, device="cpu", seed=0,
                       mixed_precision=job.get("precision", "no"))

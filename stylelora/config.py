@@ -106,8 +106,8 @@ class TrainConfig:
     train_text_encoder: bool = _opt(True, "also put LoRA on the text encoder's q/k/v/out projections")
     # optimisation
     # 500 steps of 24 images (8 x 3 accumulated) see as many images as the earlier 1500 x 8, in a third
-    # of the optimizer steps with a third of the gradient noise, and stack far better: summed at 1.0 /
-    # 1.0 they keep the shape on 94-98% of prompts where 1500 x 8 kept 80-84% (README, "Stacking").
+    # of the optimizer steps with a third of the gradient noise, and stack far better: merged at 1.0 /
+    # 1.0 they keep the shape on 83-89% of held-out prompts where 1500 x 8 kept 69-85% (README, "Stacking").
     # Accumulated rather than batch 24, so a GPU needs no more memory than before.
     steps: int = _opt(500, "optimizer steps")
     batch_size: int = _opt(8, "images per micro-batch and process (a step sees batch_size x grad_accum x processes)")

@@ -343,29 +343,32 @@ def test_overflowing_scales_are_refused_and_leave_the_weights_as_they_were(stack
 
 
 def test_balanced_mode(stack, adapters):
-    """The stacking default: one adapter is plain merge bit for bit; N active adapters are merged at
-    N ** (-BALANCE_EXPONENT) of their scales; scales 0 give the base bit for bit; a seed fixes the image."""
+    """balanced mode: one adapter is plain merge bit for bit; N active adapters are merged at
+    N ** (-BALANCE_EXPONENT) of their scales; scales 0 give the base bit for bit; a seed fixes the image.
+    The default mode (no mode given) is merge."""
+    BAL = dict(GEN, mode="balanced")
     base = stack.generate(PROMPT, **MERGE)
     stack.add("pastel", adapters["pastel"], 0.7)
-    assert np.array_equal(stack.generate(PROMPT, **GEN), stack.generate(PROMPT, **MERGE))
+    assert np.array_equal(stack.generate(PROMPT, **BAL), stack.generate(PROMPT, **MERGE))
     stack.add("ink", adapters["ink"], 0.5)
-    balanced = stack.generate(PROMPT, **GEN)
+    balanced = stack.generate(PROMPT, **BAL)
     k = 2 ** (-BALANCE_EXPONENT)
     assert k == pytest.approx(0.933, abs=1e-3)
     by_hand = stack.generate(PROMPT, scales={"pastel": 0.7 * k, "ink": 0.5 * k}, **MERGE)
     assert np.array_equal(balanced, by_hand)
     assert np.abs(balanced - stack.generate(PROMPT, **MERGE)).max() > 0.01
-    assert np.array_equal(stack.generate(PROMPT, **GEN), balanced)  # deterministic
-    assert np.array_equal(stack.generate(PROMPT, scales={"pastel": 0.0, "ink": 0.0}, **GEN), base)
+    assert np.array_equal(stack.generate(PROMPT, **BAL), balanced)  # deterministic
+    assert np.array_equal(stack.generate(PROMPT, scales={"pastel": 0.0, "ink": 0.0}, **BAL), base)
     with stack.fused("balanced") as pipe:  # batched callers (evaluation) see the same weights
         fused = pipe(PROMPT, num_inference_steps=4, guidance_scale=5.0, output_type="np",
                      generator=torch.Generator("cpu").manual_seed(3)).images[0]
     assert np.array_equal(fused, balanced)
     assert np.array_equal(stack.generate(PROMPT, **MERGE), stack.generate(PROMPT, **MERGE))
+    assert np.array_equal(stack.generate(PROMPT, **GEN), stack.generate(PROMPT, **MERGE))  # the default
 
 
 def test_balanced_mode_on_sd15_layout():
-    """The stacking default on SD1.5's layout (bench/blend.py's builder: 4 levels, 2 layers per block,
+    """balanced mode on SD1.5's layout (bench/blend.py's builder: 4 levels, 2 layers per block,
     12 text layers; --smoke widths), random weights and two random rank-4 adapters."""
     import importlib.util
     from pathlib import Path
@@ -376,12 +379,12 @@ def test_balanced_mode_on_sd15_layout():
     pipe = bench.sd15_pipe(smoke=True)
     first, second = bench.random_adapters(pipe, 2, 4)
     stack = AdapterStack(pipe)
-    gen = dict(steps=2, size=(64, 64), seed=5, output_type="np")
+    gen = dict(steps=2, size=(64, 64), seed=5, output_type="np", mode="balanced")
     base = stack.generate(PROMPT, **gen)
     stack.add("a", first)
-    assert np.array_equal(stack.generate(PROMPT, **gen), stack.generate(PROMPT, mode="merge", **gen))
+    assert np.array_equal(stack.generate(PROMPT, **gen), stack.generate(PROMPT, **{**gen, "mode": "merge"}))
     stack.add("b", second)
     both = stack.generate(PROMPT, **gen)
     assert np.isfinite(both).all() and np.array_equal(stack.generate(PROMPT, **gen), both)
-    assert np.abs(both - stack.generate(PROMPT, mode="merge", **gen)).max() > 1e-3
+    assert np.abs(both - stack.generate(PROMPT, **{**gen, "mode": "merge"})).max() > 1e-3
     assert np.array_equal(stack.generate(PROMPT, scales={"a": 0, "b": 0}, **gen), base)
