@@ -27,7 +27,7 @@ demo: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	bash .ci/browser-deps
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
 test-fast: $(VENV)/.installed
 	$(BIN)/python -m pytest -q -m "not slow and not browser"

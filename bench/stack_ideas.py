@@ -1,4 +1,4 @@
-"""Stacking ideas that were measured and not adopted (README, "Stacking: what did not work").
+"""Stacking ideas that were measured and not adopted (docs/stacking.md, "What did not work").
 
 Each idea combines two adapters A and B of one folder at scales (sa, sb) on held-out prompts and is
 scored by the judge (both styles seen, each style, shape, colour). Most act on the noise

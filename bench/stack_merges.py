@@ -1,4 +1,4 @@
-"""Weight-space ways to merge two adapters, scored by the judge (README, "Stacking": what did not work).
+"""Weight-space ways to merge two adapters, scored by the judge (docs/stacking.md, "What did not work").
 
 Each variant turns the two adapters' per-layer updates dA, dB (dense, alpha / rank applied) into one
 update, fused as a single adapter; the stack prompt names both trigger words:
@@ -28,21 +28,29 @@ the README's tables use; --heldout for those.
     python bench/stack_merges.py --folder runs/styles/defaults --variants merge,k0.93,proj,ties0.3
     # one JSON line per pair x variant; ~5 s per line on 2 cores
     python bench/stack_merges.py --folder runs/styles/defaults --layers
-    # where each style acts: per layer group, each style's |dW| and two pairs' mean per-layer cosine
+    # where each style acts: per layer group, each style's |dW| and two pairs' mean per-layer cosine;
+    # then per style the mean norms of the LoRA factors and how concentrated each layer's update is
+    python bench/stack_merges.py --folder runs/styles/defaults --variants merge --heldout --n 100 \
+        --misses docs/stack_misses.png
+    # also which shapes are missed (judged as what) and which styles; a row of missed images per pair
 """
 import argparse
 import json
 import re
 import time
+from collections import Counter
 
 import numpy as np
 import torch
+from PIL import Image
 
 from stylelora.adapters import Adapter, load_adapter
 from stylelora.base import load_base
 from stylelora.blend import AdapterStack
 from stylelora.evaluate import both_rate, heldout_scenes, score, stack_images
+from stylelora.grid import image_grid
 from stylelora.lycoris import FullDiff
+from stylelora.world.judge import judge_images
 from stylelora.world.render import TRAIN_COMBOS, Scene
 
 PAIRS = "pastel+dots,pastel+stripes,sepia+dots,sepia+stripes"
@@ -97,6 +105,22 @@ def report(images, scenes, styles: list[str], pal: str, tech: str, **fields) -> 
                       "shape": round(r["shape_acc"], 3), "colour": round(r["color_acc"], 3)}), flush=True)
 
 
+def misses(images, scenes, pal: str, tech: str, **fields) -> list:
+    """One JSON line: per true shape the images whose shape the judge missed, the commonest
+    confusions, and what was seen where a style was missed. Returns the missed images."""
+    pred = judge_images(images)
+    shape_ok = [p == s.shape for p, s in zip(pred["shape"], scenes)]
+    style_ok = [p == pal and t == tech for p, t in zip(pred["palette"], pred["technique"])]
+    per_shape = Counter(s.shape for s in scenes)
+    missed = Counter(s.shape for s, ok in zip(scenes, shape_ok) if not ok)
+    confusions = Counter(f"{s.shape}->{p}" for s, p, ok in zip(scenes, pred["shape"], shape_ok) if not ok)
+    styles_seen = Counter(f"{p}+{t}" for p, t, ok in zip(pred["palette"], pred["technique"], style_ok) if not ok)
+    print(json.dumps({**fields, "shape missed": {k: f"{missed[k]}/{n}" for k, n in sorted(per_shape.items())},
+                      "confusions": confusions.most_common(4), "style missed, seen instead": styles_seen.most_common(4)}),
+          flush=True)
+    return [im for im, a, b in zip(images, shape_ok, style_ok) if not (a and b)]
+
+
 def soup(folders: str, style: str) -> dict[str, torch.Tensor]:
     """Each layer's update (alpha / rank applied), averaged over the runs in 'DIR1+DIR2+...'."""
     runs = [load_adapter(f"{folder}/{style}.safetensors") for folder in folders.split("+")]
@@ -127,6 +151,11 @@ def layer_table(folder: str, styles=("pastel", "sepia", "dots", "stripes"),
     for g in sorted({g for _, g in sq}):
         print(f"| {g} | " + " | ".join(f"{sq[(n, g)] ** 0.5:.1f}" for n in styles) + " | "
               + " | ".join(f"{sum(c) / len(c):+.2f}" for c in (cos[(a, b, g)] for a, b in pairs)) + " |")
+    print("\n| style | mean per layer: |A| (down) | |B| (up) | |dW| | top singular direction's share of |dW|^2 |")
+    for n, adapter in adapters.items():
+        stats = [(float(f.down.float().norm()), float(f.up.float().norm()), float(sv.norm()), float(sv[0] ** 2 / (sv ** 2).sum()))
+                 for f in adapter.layers.values() for sv in [torch.linalg.svdvals(f.delta().flatten(1).float())]]
+        print(f"| {n} | " + " | ".join(f"{sum(s[i] for s in stats) / len(stats):.3g}" for i in range(4)) + " |")
 
 
 def main() -> None:
@@ -141,6 +170,8 @@ def main() -> None:
     ap.add_argument("--rescale", type=float, default=0.0)
     ap.add_argument("--heldout", action="store_true")
     ap.add_argument("--layers", action="store_true", help="print where each style acts, and stop")
+    ap.add_argument("--misses", default=None, help="PNG: also report what was missed, and draw up to 12 missed "
+                                                   "images per pair and variant")
     args = ap.parse_args()
     if args.layers:
         return layer_table(args.folder)
@@ -154,6 +185,7 @@ def main() -> None:
     pipe.set_progress_bar_config(disable=True)
     call = type(pipe).__call__
     type(pipe).__call__ = lambda self, *a, **kw: call(self, *a, guidance_rescale=args.rescale, **kw)
+    rows, labels = [], []
     for pair in args.pairs.split(","):
         pal, tech = pair.split("+")
         a = soup(args.folder, pal)
@@ -170,7 +202,13 @@ def main() -> None:
             images = stack_images(stack, pipe, prompts, seeds, "merge", guidance=args.guidance)
             report(images, scenes, styles, pal, tech, pair=pair, variant=variant, guidance=args.guidance,
                    rescale=args.rescale, s=round(time.time() - t, 1))
+            if args.misses and len(styles) == 2:
+                rows.append(misses(images, scenes, pal, tech, pair=pair, variant=variant)[:12])
+                labels.append(f"{pair} {variant}")
             stack.reset()
+    if args.misses and rows:
+        blank = Image.new("RGB", images[0].size, "white")
+        image_grid([r or [blank] for r in rows], row_labels=labels).save(args.misses)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Stacking in stages, measured (README, "Stacking": what did not work): draw with one set of fused
+"""Stacking in stages, measured (docs/stacking.md, "What did not work"): draw with one set of fused
 scales, re-noise the result's latent to `strength` and finish with another (img2img on latents).
 
 A plan is 'P1,T1/P2,T2@S': stage 1 with the palette at P1 and the technique at T1 (20 steps), stage 2

@@ -1,4 +1,4 @@
-"""A learned merge in the manner of ZipLoRA (Shah et al. 2023), measured for stacking (README, "Stacking").
+"""A learned merge in the manner of ZipLoRA (Shah et al. 2023), measured for stacking (docs/stacking.md).
 
 For every UNet layer, one coefficient per input column for each adapter (m_A, m_B, starting at 1) is
 optimised so that the merged model W0 + dA * m_A + dB * m_B reproduces each adapter alone on that

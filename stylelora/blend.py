@@ -12,7 +12,7 @@ that list, so loaded-but-inactive adapters cost nothing.
 merge is the default. balanced is that merge with every active adapter's scale times
 N ** (-BALANCE_EXPONENT), N the number of active adapters: one adapter is plain merge bit for bit; two
 sit at 0.93 each. It was the default while adapters trained for 1500 steps of batch 8: summed at full
-strength those overshoot (styles seen, shapes and colours lost: README, "Stacking"). Adapters of the
+strength those overshoot (styles seen, shapes and colours lost: docs/stacking.md). Adapters of the
 current defaults (500 steps of 24 images) keep shapes summed at 1.0 / 1.0, and turning them down loses
 more style than it saves shape, so merge became the default again. The exponent was 1/3 while every
 adapter trained from one seed's LoRA init (their updates then shared a part a sum counts twice); 0.1

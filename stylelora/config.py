@@ -97,7 +97,7 @@ class TrainConfig:
                                       "relative path and stem, any image type); unset = DATASET/masks")
     # LoRA
     # attn-ff (self- and cross-attention and feed-forward) rather than cross-attention alone: as good
-    # alone and it stacks (README, "Stacking": both styles seen on 63-83% of prompts instead of 19-56%).
+    # alone and it stacks (docs/stacking.md: both styles seen on 63-83% of prompts instead of 19-56%).
     targets: str = _opt("attn-ff", "UNet layers that get LoRA: attn-ff (default: self- and cross-attention + "
                                    "feed-forward) | attn | cross-attn")
     rank: int = _opt(4, "LoRA rank")
@@ -107,7 +107,7 @@ class TrainConfig:
     # optimisation
     # 500 steps of 24 images (8 x 3 accumulated) see as many images as the earlier 1500 x 8, in a third
     # of the optimizer steps with a third of the gradient noise, and stack far better: merged at 1.0 /
-    # 1.0 they keep the shape on 83-89% of held-out prompts where 1500 x 8 kept 69-85% (README, "Stacking").
+    # 1.0 they keep the shape on 83-89% of held-out prompts where 1500 x 8 kept 69-85% (docs/stacking.md).
     # Accumulated rather than batch 24, so a GPU needs no more memory than before.
     steps: int = _opt(500, "optimizer steps")
     batch_size: int = _opt(8, "images per micro-batch and process (a step sees batch_size x grad_accum x processes)")

@@ -309,7 +309,7 @@ class _Run:
         # The A (down) matrices barely move in training, so they fix which input directions an adapter
         # reads. Seeded by the data as well as the seed: adapters trained on different data read different
         # directions, and their sum no longer doubles a shared part (one seed for every adapter broke
-        # stacked pictures: README "Stacking"). The images and captions only: masks on or off, the same
+        # stacked pictures: docs/stacking.md). The images and captions only: masks on or off, the same
         # start (an all-white mask trains exactly as no mask). Every process derives the same seed.
         torch.manual_seed(_seed_for(cfg.seed, "lora-init", self.data.fingerprint(masks=False)))
         u_targets = unet_targets(unet, cfg.targets)

@@ -470,7 +470,7 @@ def test_caching_is_exact(tiny_base, style_folder, tmp_path, monkeypatch, train_
 def test_adapters_of_different_data_start_from_different_down_projections(tiny_base, style_folder, tmp_path):
     """LoRA's A matrices barely move in training, so their seed fixes which input directions an adapter
     reads. Seeded by the data too: two styles trained with the same settings read different directions
-    (one shared seed made every stacked pair double its shared part; README "Stacking"). Same data and
+    (one shared seed made every stacked pair double its shared part; docs/stacking.md). Same data and
     seed: the same adapter."""
     other = tmp_path / "other"
     shutil.copytree(style_folder, other)
