@@ -50,7 +50,6 @@ from stylelora.blend import AdapterStack
 from stylelora.evaluate import both_rate, heldout_scenes, score, stack_images
 from stylelora.grid import image_grid
 from stylelora.lycoris import FullDiff
-from stylelora.world.judge import judge_images
 from stylelora.world.render import TRAIN_COMBOS, Scene
 
 PAIRS = "pastel+dots,pastel+stripes,sepia+dots,sepia+stripes"
@@ -96,19 +95,31 @@ def merged(variant: str, a: torch.Tensor, b: torch.Tensor, key: str) -> torch.Te
     raise ValueError(f"unknown variant {variant!r}")
 
 
-def report(images, scenes, styles: list[str], pal: str, tech: str, **fields) -> None:
+def report(images, scenes, styles: list[str], pal: str, tech: str, **fields) -> dict[str, list[str]]:
     """One JSON line: `fields` first, then the judge's both-styles rate over `styles`, each family's
-    rate for the pair's palette and technique, shape and colour accuracy."""
+    rate for the pair's palette and technique, shape and colour accuracy. Returns the judge's
+    per-image labels."""
     r = score(images, scenes, per_image=True)
-    print(json.dumps({**fields, "both": round(both_rate(r.pop("per_image"), styles), 3),
+    per_image = r.pop("per_image")
+    print(json.dumps({**fields, "both": round(both_rate(per_image, styles), 3),
                       pal: round(r["palette"][pal], 2), tech: round(r["technique"][tech], 2),
                       "shape": round(r["shape_acc"], 3), "colour": round(r["color_acc"], 3)}), flush=True)
+    return per_image
 
 
-def misses(images, scenes, pal: str, tech: str, **fields) -> list:
-    """One JSON line: per true shape the images whose shape the judge missed, the commonest
-    confusions, and what was seen where a style was missed. Returns the missed images."""
-    pred = judge_images(images)
+def prompt_scenes(heldout: bool, n: int, seed: int = 500) -> tuple[list[Scene], list[int]]:
+    """The stacking scripts' prompts and seeds: n held-out scenes with seeds 0.., or n distinct
+    pretraining combinations drawn with `seed`, with seeds seed, seed + 1, ..."""
+    if heldout:
+        return heldout_scenes(n), list(range(n))
+    rng = np.random.default_rng(seed)
+    return [Scene(*TRAIN_COMBOS[i]) for i in rng.choice(len(TRAIN_COMBOS), n, replace=False)], [seed + i for i in range(n)]
+
+
+def misses(images, scenes, pred: dict[str, list[str]], pal: str, tech: str, **fields) -> list:
+    """One JSON line from the judge's per-image labels `pred`: per true shape the images whose shape
+    was missed, the commonest confusions, and what was seen where a style was missed. Returns the
+    missed images."""
     shape_ok = [p == s.shape for p, s in zip(pred["shape"], scenes)]
     style_ok = [p == pal and t == tech for p, t in zip(pred["palette"], pred["technique"])]
     per_shape = Counter(s.shape for s in scenes)
@@ -175,12 +186,7 @@ def main() -> None:
     args = ap.parse_args()
     if args.layers:
         return layer_table(args.folder)
-    if args.heldout:
-        scenes, seeds = heldout_scenes(args.n), list(range(args.n))
-    else:
-        rng = np.random.default_rng(args.seed)
-        scenes = [Scene(*TRAIN_COMBOS[i]) for i in rng.choice(len(TRAIN_COMBOS), args.n, replace=False)]
-        seeds = [args.seed + i for i in range(args.n)]
+    scenes, seeds = prompt_scenes(args.heldout, args.n, args.seed)
     pipe = load_base()
     pipe.set_progress_bar_config(disable=True)
     call = type(pipe).__call__
@@ -200,10 +206,10 @@ def main() -> None:
             prompts = [", ".join([s.caption(), *styles]) for s in scenes]
             t = time.time()
             images = stack_images(stack, pipe, prompts, seeds, "merge", guidance=args.guidance)
-            report(images, scenes, styles, pal, tech, pair=pair, variant=variant, guidance=args.guidance,
-                   rescale=args.rescale, s=round(time.time() - t, 1))
+            pred = report(images, scenes, styles, pal, tech, pair=pair, variant=variant, guidance=args.guidance,
+                          rescale=args.rescale, s=round(time.time() - t, 1))
             if args.misses and len(styles) == 2:
-                rows.append(misses(images, scenes, pal, tech, pair=pair, variant=variant)[:12])
+                rows.append(misses(images, scenes, pred, pal, tech, pair=pair, variant=variant)[:12])
                 labels.append(f"{pair} {variant}")
             stack.reset()
     if args.misses and rows:

@@ -12,14 +12,11 @@ combinations, seed 500), or the held-out ones with --heldout.
 import argparse
 import time
 
-import numpy as np
 import torch
 
 from stylelora.base import load_base
 from stylelora.blend import AdapterStack
-from stylelora.evaluate import heldout_scenes
-from stylelora.world.render import TRAIN_COMBOS, Scene
-from stack_merges import PAIRS, report  # bench/ is on the path when run as a script
+from stack_merges import PAIRS, prompt_scenes, report  # bench/ is on the path when run as a script
 from stack_seq import raw_scales
 
 
@@ -45,12 +42,7 @@ def main() -> None:
     ap.add_argument("--plans", default="1,1/1,1@1;0.8,0.8/1,1@0.3")
     ap.add_argument("--heldout", action="store_true")
     args = ap.parse_args()
-    if args.heldout:
-        scenes, seeds = heldout_scenes(100), list(range(100))
-    else:
-        rng = np.random.default_rng(500)
-        scenes = [Scene(*TRAIN_COMBOS[i]) for i in rng.choice(len(TRAIN_COMBOS), 48, replace=False)]
-        seeds = [500 + i for i in range(48)]
+    scenes, seeds = prompt_scenes(args.heldout, 100 if args.heldout else 48)
     pipe = load_base()
     pipe.set_progress_bar_config(disable=True)
     for pair in args.pairs.split(","):

@@ -11,14 +11,12 @@ combinations, seed 500).
 import argparse
 import time
 
-import numpy as np
 import torch
 from diffusers import StableDiffusionImg2ImgPipeline
 
 from stylelora.base import load_base
 from stylelora.blend import AdapterStack
-from stylelora.world.render import TRAIN_COMBOS, Scene
-from stack_merges import report  # bench/ is on the path when run as a script
+from stack_merges import prompt_scenes, report  # bench/ is on the path when run as a script
 
 
 def raw_scales(names: list[str], text: str) -> dict:
@@ -50,9 +48,7 @@ def main() -> None:
     pipe.set_progress_bar_config(disable=True)
     img2img = StableDiffusionImg2ImgPipeline(**pipe.components)
     img2img.set_progress_bar_config(disable=True)
-    rng = np.random.default_rng(500)
-    scenes = [Scene(*TRAIN_COMBOS[i]) for i in rng.choice(len(TRAIN_COMBOS), args.n, replace=False)]
-    seeds = [500 + i for i in range(args.n)]
+    scenes, seeds = prompt_scenes(False, args.n)
     for pair in args.pairs.split(","):
         pal, tech = pair.split("+")
         stack = AdapterStack(pipe)
