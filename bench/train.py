@@ -636,7 +636,7 @@ def random_base(key: str, folder: Path, narrow: bool, tmp: Path, threads: int, v
           f"(peak RSS {built['peak_rss_mb']:.0f} MB)", file=sys.stderr)
 
 
-def main() -> None:
+def parse_args():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true",
                     help="~1 min: fewer steps, narrow SD1.5-/SDXL-layout models; writes no results file")
@@ -658,153 +658,175 @@ def main() -> None:
     ap.add_argument("--verbose", action="store_true", help="show the workers' output")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.rounds is not None and args.rounds < 1:
+        ap.error("--rounds must be at least 1")
+    return args
+
+
+def build_settings(args, run: set[str], tmp: Path, threads: int) -> list[dict]:
+    """The settings to run, each with its base (random ones are built here), data and step counts."""
+    settings = []
+    if "tiny" in run:
+        w, n, rounds = (5, 20, 1) if args.quick else (5, 50, 2)  # warm-up >= one epoch (32 images / 8)
+        settings.append({"key": "tiny", "label": "embedded base, 64 px, batch 8", "base": str(EMBEDDED),
+                         "data": dataset_folder(tmp, None, args.render_data), "resolution": 64,
+                         "batch": 8, "warmup": w, "timed": n, "rounds": args.rounds or rounds})
+    # sd15: warm-up = one epoch of 3 images at batch 1, so the latent cache is full when timing starts.
+    # sdxl: 2 images, so the 2 warm-up steps are one epoch and a full-size step (tens of seconds on
+    # 2 cores) is paid 5 times per contender; one round by default.
+    for key, arch, n_img, w, n, rounds in (("sd15", "SD1.5", 3, 3, 6, 2), ("sdxl", "SDXL", 2, 2, 3, 1)):
+        if key not in run:
+            continue
+        label = f"{arch}-layout (narrow, --quick), 128 px, batch 1" if args.quick else \
+            f"{arch} arch (random), 256 px, batch 1"
+        folder = getattr(args, f"{key}_dir")
+        folder = Path(folder) if folder else tmp / key
+        random_base(key, folder, args.quick, tmp, threads, args.verbose)
+        settings.append({"key": key, "label": label, "base": str(folder),
+                         "data": dataset_folder(tmp, n_img, args.render_data),
+                         "resolution": 128 if args.quick else 256, "batch": 1, "warmup": w, "timed": n,
+                         "rounds": args.rounds or (1 if args.quick else rounds)})
+    return settings
+
+
+# Contenders: (label, worker job fields). "vs" names the row's peer when it is not the setting's first row.
+PEER = ("diffusers-example step (peer)", {"kind": "peer"})
+STYLELORA_TE = ("stylelora (cross-attn + TE LoRA)", {"kind": "stylelora", "train_text_encoder": True, "thp": True})
+STYLELORA_UNET = ("stylelora, train_text_encoder=False", {"kind": "stylelora", "train_text_encoder": False, "thp": True})
+# like for like: the example with the allocator setting the stylelora command makes
+PEER_THP = ("diffusers-example step, THP_MEM_ALLOC_ENABLE=1", {"kind": "peer", "thp": True})
+# The peer's own LoRA targets (all attention, frozen text encoder): isolates the caching. Only on the
+# tiny base, where it is cheap; at SD1.5 scale the UNet pass dominates either way.
+SAME_TARGETS = ("stylelora, targets=attn, train_text_encoder=False (peer's LoRA)",
+                {"kind": "stylelora", "train_text_encoder": False, "targets": "attn", "thp": True})
+# bf16 on both sides (frozen weights in bf16, as the example's --mixed_precision bf16): on a CPU with
+# AVX512-BF16 it is the precision a user would pick for an SD-size model.
+BF16 = [("diffusers-example step, --mixed_precision bf16", {"kind": "peer", "precision": "bf16"}),
+        ("stylelora (cross-attn + TE LoRA), mixed_precision=bf16",
+         {"kind": "stylelora", "train_text_encoder": True, "precision": "bf16", "thp": True})]
+# SDXL: issue #15's rows, each against the example doing the same work at the same precision. Fewer
+# rows than SD1.5: each loads a 10 GB UNet and takes minutes.
+XL_PEER = "diffusers SDXL-example step (peer)"
+XL_PEER_BF16 = "diffusers SDXL-example step, --mixed_precision bf16"
+XL_PEER_TE = "diffusers SDXL-example step, --train_text_encoder"  # the text-encoder row's like-for-like peer
+XL_BF16 = "stylelora, train_text_encoder=False, mixed_precision=bf16"  # like for like with the bf16 example
+_VS_TE, _VS_BF16 = {"vs": XL_PEER_TE, "vs_label": "TE peer"}, {"vs": XL_PEER_BF16, "vs_label": "bf16 peer"}
+SDXL = [(XL_PEER, {"kind": "peer"}), (XL_PEER_TE, {"kind": "peer", "train_text_encoder": True, **_VS_TE}),
+        (STYLELORA_TE[0], {**STYLELORA_TE[1], **_VS_TE}),
+        STYLELORA_UNET,  # UNet only: what sd-scripts advises for SDXL
+        (XL_PEER_BF16, {"kind": "peer", "precision": "bf16", **_VS_BF16}),
+        (XL_BF16, {"kind": "stylelora", "train_text_encoder": False, "precision": "bf16", "thp": True, **_VS_BF16})]
+CONTENDERS = [PEER, STYLELORA_TE, STYLELORA_UNET, PEER_THP]
+LINEUPS = {"tiny": CONTENDERS + [SAME_TARGETS], "sd15": CONTENDERS + BF16, "sdxl": SDXL}
+
+
+def run_setting(s: dict, threads: int, tmp: Path, verbose: bool, errors: dict) -> dict[str, dict]:
+    """Every contender of the setting in interleaved rounds (load from other jobs drifts); each one's
+    best round. Errors a worker raised after its last timed step are collected in `errors`."""
+    best: dict[str, dict] = {}
+    for rnd in range(s["rounds"]):
+        for label, extra in LINEUPS[s["key"]]:
+            job = {**extra, "name": f"{s['key']}-{extra['kind']}-{rnd}-{len(best)}", "setting": s["key"],
+                   "base": s["base"], "data": s["data"][0], "resolution": s["resolution"],
+                   "batch": s["batch"], "rank": RANK, "warmup": s["warmup"], "timed": s["timed"], "threads": threads}
+            r = summarise(spawn(job, tmp, verbose), s["warmup"], s["timed"])
+            print(f"  {s['key']:5s} r{rnd + 1} {label:45s} {r['steps_per_s']:8.3f} steps/s  "
+                  f"{r['peak_rss_mb']:7.0f} MB (VmHWM {r['vm_hwm_mb'] or 0:.0f})  first step at "
+                  f"{r['first_step_s']:.1f} s  [{r['threads']} threads]", file=sys.stderr)
+            if r["threads"] != threads:
+                raise SystemExit(f"worker ran {r['threads']} threads, not {threads}")
+            if r["error"]:
+                print(f"        worker failed after its last step: {r['error']}", file=sys.stderr)
+                who = errors.setdefault(r["error"], [])
+                if f"{s['key']}: {label}" not in who:
+                    who.append(f"{s['key']}: {label}")
+            if label not in best or r["steps_per_s"] > best[label]["steps_per_s"]:
+                best[label] = r
+    return best
+
+
+def setting_rows(s: dict, best: dict[str, dict]) -> list[dict]:
+    """One table row per contender, with its ratios against its peer."""
+    lineup, rows = LINEUPS[s["key"]], []
+    for label, extra in lineup:
+        r, vs = best[label], extra.get("vs", lineup[0][0])
+        ref = best[vs]
+        rows.append({"setting": s["label"], "contender": label, **r,
+                     "speed_ratio": r["steps_per_s"] / ref["steps_per_s"],
+                     "rss_ratio": r["peak_rss_mb"] / ref["peak_rss_mb"], "is_peer": label == vs,
+                     "vs": extra.get("vs_label") if vs != lineup[0][0] else None,
+                     "other_peer": extra["kind"] == "peer" and label != vs})
+    return rows
+
+
+def setting_notes(s: dict, best: dict[str, dict]) -> list[str]:
+    """The notes under the table: what the base weighs, the like-for-like ratios, the step counts."""
+    notes = []
+    if s["key"] in ("sd15", "sdxl"):
+        sizes: dict[str, float] = {}
+        for f in Path(s["base"]).rglob("*.safetensors"):  # a sharded component counts all its shards
+            sizes[f.parent.name] = sizes.get(f.parent.name, 0) + f.stat().st_size / 2**20
+        parts = ", ".join(f"{k} {v:.0f}" for k, v in sorted(sizes.items(), key=lambda kv: -kv[1]))
+        notes.append(f"{s['label']}: the base's float32 weights are {sum(sizes.values()):.0f} MB ({parts}), "
+                     "loaded by every contender: with the RSS floor they bound any float32 trainer's peak "
+                     "RSS from below.")
+
+    def ratio(a: dict, b: dict) -> str:
+        return (f"{a['steps_per_s'] / b['steps_per_s']:.2f}× steps/s, "
+                f"{a['peak_rss_mb'] / b['peak_rss_mb']:.2f}× peak RSS")
+
+    if PEER_THP[0] in best:
+        notes.append(f"{s['label']}: against the example also run with THP_MEM_ALLOC_ENABLE=1, stylelora's "
+                     f"cross-attn + TE = {ratio(best[STYLELORA_TE[0]], best[PEER_THP[0]])}.")
+    if s["key"] == "sd15":  # like for like: stylelora bf16 against the example in bf16
+        notes.append(f"{s['label']}: with bf16 on both sides (the example without THP), stylelora / example = "
+                     f"{ratio(best[BF16[1][0]], best[BF16[0][0]])}.")
+    if s["key"] == "sdxl":  # the bf16 row's ratios are against the bf16 example; here against float32
+        notes.append(f"{s['label']}: ratios of the bf16 rows are against the example in bf16 (same "
+                     f"precision); stylelora bf16 / the float32 example = {ratio(best[XL_BF16], best[XL_PEER])}. "
+                     "Each contender is one process holding one copy of the base; no THP row for the example "
+                     "here (one full-size run each).")
+    rounds = f"best of {s['rounds']} interleaved rounds" if s["rounds"] > 1 else "one round"
+    notes.append(f"{s['label']}: {s['warmup']} warm-up + {s['timed']} timed steps, {rounds}; data: {s['data'][1]}")
+    return notes
+
+
+def clean_up(tmp: Path, kept: set[Path]) -> None:
+    """Delete the temporary folder, except the random bases the user asked to keep (--sd15-dir, --sdxl-dir)."""
+    if not kept:
+        shutil.rmtree(tmp, ignore_errors=True)
+        return
+    for p in tmp.iterdir():
+        if p.resolve() not in kept:
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink()
+    if not any(tmp.iterdir()):
+        tmp.rmdir()
+
+
+def main() -> None:
+    args = parse_args()
     if args.worker:
         run_worker(json.loads(args.worker))
         return
-    if args.rounds is not None and args.rounds < 1:
-        ap.error("--rounds must be at least 1")
-    run = {args.only} if args.only else {"tiny", "sd15"}
-    if args.sdxl:
-        run.add("sdxl")
-
+    run = {args.only} if args.only else {"tiny", "sd15"} | ({"sdxl"} if args.sdxl else set())
     # The driver never imports torch: a child's ru_maxrss starts from its parent's RSS at fork.
     threads = args.threads or int(subprocess.run(
         [sys.executable, "-c", "import torch; print(torch.get_num_threads())"],
         capture_output=True, text=True, check=True).stdout)
     t_all = time.perf_counter()
     tmp = Path(tempfile.mkdtemp(prefix="bench-train-"))
-    kept = {Path(d).resolve() for d in (args.sd15_dir, args.sdxl_dir) if d}
     rows, notes, errors = [], [], {}
     try:
-        settings = []
-        if "tiny" in run:
-            w, n, rounds = (5, 20, 1) if args.quick else (5, 50, 2)  # warm-up >= one epoch (32 images / 8)
-            settings.append({"key": "tiny", "label": "embedded base, 64 px, batch 8", "base": str(EMBEDDED),
-                             "data": dataset_folder(tmp, None, args.render_data), "resolution": 64,
-                             "batch": 8, "warmup": w, "timed": n, "rounds": args.rounds or rounds})
-        if "sd15" in run:
-            n_img, w, n = 3, 3, 6  # warm-up = one epoch of n_img images at batch 1: the latent cache is full
-            label = "SD1.5-layout (narrow, --quick), 128 px, batch 1" if args.quick else \
-                "SD1.5 arch (random), 256 px, batch 1"
-            sd_dir = Path(args.sd15_dir) if args.sd15_dir else tmp / "sd15"
-            random_base("sd15", sd_dir, args.quick, tmp, threads, args.verbose)
-            settings.append({"key": "sd15", "label": label, "base": str(sd_dir),
-                             "data": dataset_folder(tmp, n_img, args.render_data),
-                             "resolution": 128 if args.quick else 256, "batch": 1, "warmup": w, "timed": n,
-                             "rounds": args.rounds or (1 if args.quick else 2)})
-        if "sdxl" in run:
-            # 2 images, so the 2 warm-up steps are one epoch (stylelora's latent cache full) and a full-size
-            # step (tens of seconds on 2 cores) is paid 5 times per contender; one round by default.
-            n_img, w, n = 2, 2, 3
-            label = "SDXL-layout (narrow, --quick), 128 px, batch 1" if args.quick else \
-                "SDXL arch (random), 256 px, batch 1"
-            xl_dir = Path(args.sdxl_dir) if args.sdxl_dir else tmp / "sdxl"
-            random_base("sdxl", xl_dir, args.quick, tmp, threads, args.verbose)
-            settings.append({"key": "sdxl", "label": label, "base": str(xl_dir),
-                             "data": dataset_folder(tmp, n_img, args.render_data),
-                             "resolution": 128 if args.quick else 256, "batch": 1, "warmup": w, "timed": n,
-                             "rounds": args.rounds or 1})
-
+        settings = build_settings(args, run, tmp, threads)
         floor = spawn({"kind": "floor", "name": "floor", "threads": threads}, tmp, args.verbose)["peak_rss_mb"]
         notes.append(f"RSS floor: the interpreter + torch, diffusers, transformers, peft, accelerate imported = "
                      f"{floor:.0f} MB, paid by every contender.")
-        contenders = [
-            ("diffusers-example step (peer)", {"kind": "peer"}),
-            ("stylelora (cross-attn + TE LoRA)",
-             {"kind": "stylelora", "train_text_encoder": True, "thp": True}),
-            ("stylelora, train_text_encoder=False", {"kind": "stylelora", "train_text_encoder": False, "thp": True}),
-            # like for like: the example with the allocator setting the stylelora command makes
-            ("diffusers-example step, THP_MEM_ALLOC_ENABLE=1", {"kind": "peer", "thp": True}),
-        ]
-        # The peer's own LoRA targets (all attention, frozen text encoder): isolates the caching. Only
-        # on the tiny base, where it is cheap; at SD1.5 scale the UNet pass dominates either way.
-        same_targets = ("stylelora, targets=attn, train_text_encoder=False (peer's LoRA)",
-                        {"kind": "stylelora", "train_text_encoder": False, "targets": "attn", "thp": True})
-        # bf16 on both sides (frozen weights in bf16, as the example's --mixed_precision bf16): on a
-        # CPU with AVX512-BF16 it is the precision a user would pick for an SD-size model.
-        bf16 = [("diffusers-example step, --mixed_precision bf16", {"kind": "peer", "precision": "bf16"}),
-                ("stylelora (cross-attn + TE LoRA), mixed_precision=bf16", {"kind": "stylelora", "train_text_encoder": True,
-                                                             "precision": "bf16", "thp": True})]
-        # SDXL: issue #15's rows, each against the example doing the same work at the same precision.
-        # Fewer rows than SD1.5: each loads a 10 GB UNet and takes minutes.
-        xl_peer = "diffusers SDXL-example step (peer)"
-        xl_peer_bf16 = "diffusers SDXL-example step, --mixed_precision bf16"
-        # the like-for-like peer of the text-encoder row: the example with --train_text_encoder
-        xl_peer_te = "diffusers SDXL-example step, --train_text_encoder"
-        xl_bf16 = "stylelora, train_text_encoder=False, mixed_precision=bf16"  # like for like with the bf16 example
-        te_vs, bf16_vs = {"vs": xl_peer_te, "vs_label": "TE peer"}, {"vs": xl_peer_bf16, "vs_label": "bf16 peer"}
-        sdxl = [(xl_peer, {"kind": "peer"}), (xl_peer_te, {"kind": "peer", "train_text_encoder": True, **te_vs}),
-                (contenders[1][0], {**contenders[1][1], **te_vs}),
-                (contenders[2][0], contenders[2][1]),  # UNet only: what sd-scripts advises for SDXL
-                (xl_peer_bf16, {"kind": "peer", "precision": "bf16", **bf16_vs}),
-                (xl_bf16, {"kind": "stylelora", "train_text_encoder": False, "precision": "bf16", "thp": True, **bf16_vs})]
         for s in settings:
-            if s["key"] in ("sd15", "sdxl"):
-                sizes: dict[str, float] = {}
-                for f in Path(s["base"]).rglob("*.safetensors"):  # a sharded component counts all its shards
-                    sizes[f.parent.name] = sizes.get(f.parent.name, 0) + f.stat().st_size / 2**20
-                parts = ", ".join(f"{k} {v:.0f}" for k, v in sorted(sizes.items(), key=lambda kv: -kv[1]))
-                notes.append(f"{s['label']}: the base's float32 weights are {sum(sizes.values()):.0f} MB ({parts}), "
-                             "loaded by every contender: with the RSS floor they bound any float32 trainer's peak "
-                             "RSS from below.")
-            lineup = {"tiny": contenders + [same_targets], "sd15": contenders + bf16, "sdxl": sdxl}[s["key"]]
-            best: dict[str, dict] = {}
-            for rnd in range(s["rounds"]):  # interleaved rounds, best of them: load from other jobs drifts
-                for label, extra in lineup:
-                    job = {**extra, "name": f"{s['key']}-{extra['kind']}-{rnd}-{len(best)}", "setting": s["key"],
-                           "base": s["base"], "data": s["data"][0], "resolution": s["resolution"],
-                           "batch": s["batch"], "rank": RANK, "warmup": s["warmup"], "timed": s["timed"],
-                           "threads": threads}
-                    r = summarise(spawn(job, tmp, args.verbose), s["warmup"], s["timed"])
-                    print(f"  {s['key']:5s} r{rnd + 1} {label:45s} {r['steps_per_s']:8.3f} steps/s  "
-                          f"{r['peak_rss_mb']:7.0f} MB (VmHWM {r['vm_hwm_mb'] or 0:.0f})  first step at "
-                          f"{r['first_step_s']:.1f} s  [{r['threads']} threads]", file=sys.stderr)
-                    if r["threads"] != threads:
-                        raise SystemExit(f"worker ran {r['threads']} threads, not {threads}")
-                    if r["error"]:
-                        print(f"        worker failed after its last step: {r['error']}", file=sys.stderr)
-                        who = errors.setdefault(r["error"], [])
-                        if f"{s['key']}: {label}" not in who:
-                            who.append(f"{s['key']}: {label}")
-                    if label not in best or r["steps_per_s"] > best[label]["steps_per_s"]:
-                        best[label] = r
-            for label, extra in lineup:
-                r, vs = best[label], extra.get("vs", lineup[0][0])  # the peer this row is measured against
-                ref = best[vs]
-                rows.append({"setting": s["label"], "contender": label, **r,
-                             "speed_ratio": r["steps_per_s"] / ref["steps_per_s"],
-                             "rss_ratio": r["peak_rss_mb"] / ref["peak_rss_mb"], "is_peer": label == vs,
-                             "vs": extra.get("vs_label") if vs != lineup[0][0] else None,
-                             "other_peer": extra["kind"] == "peer" and label != vs})
-            if contenders[3][0] in best:
-                a, b = best[contenders[1][0]], best[contenders[3][0]]
-                notes.append(f"{s['label']}: against the example also run with THP_MEM_ALLOC_ENABLE=1, stylelora's "
-                             f"cross-attn + TE = {a['steps_per_s'] / b['steps_per_s']:.2f}× steps/s, "
-                             f"{a['peak_rss_mb'] / b['peak_rss_mb']:.2f}× peak RSS.")
-            if s["key"] == "sd15":  # like for like: stylelora bf16 against the example in bf16
-                a, b = best[bf16[1][0]], best[bf16[0][0]]
-                notes.append(f"{s['label']}: with bf16 on both sides (the example without THP), stylelora / example = "
-                             f"{a['steps_per_s'] / b['steps_per_s']:.2f}× steps/s, "
-                             f"{a['peak_rss_mb'] / b['peak_rss_mb']:.2f}× peak RSS.")
-            if s["key"] == "sdxl":  # the bf16 row's ratios are against the bf16 example; here against float32
-                a, b = best[xl_bf16], best[xl_peer]
-                notes.append(f"{s['label']}: ratios of the bf16 rows are against the example in bf16 (same "
-                             f"precision); stylelora bf16 / the float32 example = "
-                             f"{a['steps_per_s'] / b['steps_per_s']:.2f}× steps/s, "
-                             f"{a['peak_rss_mb'] / b['peak_rss_mb']:.2f}× peak RSS. Each contender is one process "
-                             "holding one copy of the base; no THP row for the example here (one full-size run each).")
-            rounds = f"best of {s['rounds']} interleaved rounds" if s["rounds"] > 1 else "one round"
-            notes.append(f"{s['label']}: {s['warmup']} warm-up + {s['timed']} timed steps, {rounds}; "
-                         f"data: {s['data'][1]}")
+            best = run_setting(s, threads, tmp, args.verbose, errors)
+            rows += setting_rows(s, best)
+            notes += setting_notes(s, best)
     finally:
-        if not kept:
-            shutil.rmtree(tmp, ignore_errors=True)
-        else:
-            for p in tmp.iterdir():
-                if p.resolve() not in kept:
-                    shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink()
-            if not any(tmp.iterdir()):
-                tmp.rmdir()
+        clean_up(tmp, {Path(d).resolve() for d in (args.sd15_dir, args.sdxl_dir) if d})
 
     for err, who in errors.items():
         notes.append(f"† train() raised after its last timed step, while writing the adapter ({'; '.join(who)}): "
