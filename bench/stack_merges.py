@@ -17,6 +17,7 @@ update, fused as a single adapter; the stack prompt names both trigger words:
               sign by the sum, average the kept values that agree with it
   alone       each adapter by itself with its own trigger word only ("both" = its hit rate)
   --rescale R guidance rescale (Lin et al. 2024, diffusers' guidance_rescale) on top of the variant
+  --steps N, --sampler S   sampling steps and sampler (SAMPLERS below; the base's is DPM++ 2M) for every variant
 
 --folder / --folder-b take DIR or DIR1+DIR2+...: each adapter is then the mean of the runs' updates
 (a "soup" of trainings with different seeds); --folder-b pairs palettes of one run with techniques
@@ -53,6 +54,19 @@ from stylelora.lycoris import FullDiff
 from stylelora.world.render import TRAIN_COMBOS, Scene
 
 PAIRS = "pastel+dots,pastel+stripes,sepia+dots,sepia+stripes"
+# name -> (diffusers scheduler class, config overrides); the embedded base samples with DPM++ 2M
+SAMPLERS = {"dpm2m": ("DPMSolverMultistepScheduler", {}),
+            "dpm2m-sde": ("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
+            "euler-a": ("EulerAncestralDiscreteScheduler", {}),
+            "euler": ("EulerDiscreteScheduler", {}),
+            "ddim": ("DDIMScheduler", {})}
+
+
+def use_sampler(pipe, name: str) -> None:
+    import diffusers
+
+    cls, overrides = SAMPLERS[name]
+    pipe.scheduler = getattr(diffusers, cls).from_config(pipe.scheduler.config, **overrides)
 
 
 def ties(a: torch.Tensor, b: torch.Tensor, density: float) -> torch.Tensor:
@@ -179,6 +193,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=500)
     ap.add_argument("--guidance", type=float, default=5.0)
     ap.add_argument("--rescale", type=float, default=0.0)
+    ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--sampler", default="dpm2m", choices=list(SAMPLERS))
     ap.add_argument("--heldout", action="store_true")
     ap.add_argument("--layers", action="store_true", help="print where each style acts, and stop")
     ap.add_argument("--misses", default=None, help="PNG: also report what was missed, and draw up to 12 missed "
@@ -189,6 +205,7 @@ def main() -> None:
     scenes, seeds = prompt_scenes(args.heldout, args.n, args.seed)
     pipe = load_base()
     pipe.set_progress_bar_config(disable=True)
+    use_sampler(pipe, args.sampler)
     call = type(pipe).__call__
     type(pipe).__call__ = lambda self, *a, **kw: call(self, *a, guidance_rescale=args.rescale, **kw)
     rows, labels = [], []
@@ -205,9 +222,9 @@ def main() -> None:
                       {"unet": 1.0, "text_encoder": 1.0, "raw": True})
             prompts = [", ".join([s.caption(), *styles]) for s in scenes]
             t = time.time()
-            images = stack_images(stack, pipe, prompts, seeds, "merge", guidance=args.guidance)
+            images = stack_images(stack, pipe, prompts, seeds, "merge", guidance=args.guidance, steps=args.steps)
             pred = report(images, scenes, styles, pal, tech, pair=pair, variant=variant, guidance=args.guidance,
-                          rescale=args.rescale, s=round(time.time() - t, 1))
+                          rescale=args.rescale, steps=args.steps, sampler=args.sampler, s=round(time.time() - t, 1))
             if args.misses and len(styles) == 2:
                 rows.append(misses(images, scenes, pred, pal, tech, pair=pair, variant=variant)[:12])
                 labels.append(f"{pair} {variant}")
