@@ -61,3 +61,18 @@ def _saved(tmp_path_factory, pipe, name: str):
     path = tmp_path_factory.mktemp(name)
     pipe.save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory):
+    """`make demo`'s main job run once: (output folder, what it printed). Its dots adapter is a default
+    training run of datasets/dots, which the stacking test reuses instead of training it again (~4 min)."""
+    import contextlib
+    import io
+
+    from stylelora.demo import main
+
+    out, printed = tmp_path_factory.mktemp("demo"), io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        main(["--out", str(out), "--no-ui"])
+    return out, printed.getvalue()
