@@ -17,14 +17,13 @@ prompts as bench/stack_merges.py (pretraining combinations, seed 500), or --held
 
     python bench/stack_embeds.py --folder runs/styles/defaults --variants merge,own,both
 """
-import argparse
 import time
 
 import torch
 
 from stylelora.base import load_base
 from stylelora.blend import AdapterStack
-from stack_merges import PAIRS, prompt_scenes, report  # bench/ is on the path when run as a script
+from stack_merges import pair_args, pair_stacks, prompt_scenes, report  # bench/ is on the path when run as a script
 
 
 def encode(pipe, stack: AdapterStack, te_on: dict[str, float], prompts: list[str]):
@@ -46,21 +45,14 @@ def embeds(pipe, stack: AdapterStack, variant: str, captions: list[str], pal: st
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--folder", required=True, help="holds PALETTE.safetensors and TECHNIQUE.safetensors")
-    ap.add_argument("--pairs", default=PAIRS)
+    ap = pair_args(__doc__)
     ap.add_argument("--variants", default="merge,own,both")
-    ap.add_argument("--heldout", action="store_true")
     ap.add_argument("--n", type=int, default=None, help="prompts (default 48, held out 100)")
     args = ap.parse_args()
     scenes, seeds = prompt_scenes(args.heldout, args.n or (100 if args.heldout else 48))
     pipe = load_base()
     pipe.set_progress_bar_config(disable=True)
-    for pair in args.pairs.split(","):
-        pal, tech = pair.split("+")
-        stack = AdapterStack(pipe)
-        stack.add(pal, f"{args.folder}/{pal}.safetensors")
-        stack.add(tech, f"{args.folder}/{tech}.safetensors")
+    for pair, pal, tech, stack in pair_stacks(pipe, args.folder, args.pairs):
         for variant in args.variants.split(","):
             t, images = time.time(), []
             for i in range(0, len(scenes), 32):
@@ -71,7 +63,6 @@ def main() -> None:
                                guidance_scale=5.0,
                                generator=[torch.Generator().manual_seed(s) for s in seeds[i:i + 32]]).images
             report(images, scenes, [pal, tech], pal, tech, pair=pair, variant=variant, s=round(time.time() - t, 1))
-        stack.reset()
 
 
 if __name__ == "__main__":

@@ -130,6 +130,27 @@ def prompt_scenes(heldout: bool, n: int, seed: int = 500) -> tuple[list[Scene], 
     return [Scene(*TRAIN_COMBOS[i]) for i in rng.choice(len(TRAIN_COMBOS), n, replace=False)], [seed + i for i in range(n)]
 
 
+def pair_args(doc: str) -> argparse.ArgumentParser:
+    """The stacking scripts' shared arguments: --folder, --pairs, --heldout."""
+    ap = argparse.ArgumentParser(description=doc.split("\n")[0])
+    ap.add_argument("--folder", required=True, help="holds PALETTE.safetensors and TECHNIQUE.safetensors")
+    ap.add_argument("--pairs", default=PAIRS)
+    ap.add_argument("--heldout", action="store_true", help="the 100 held-out prompts instead of 48 pretraining ones")
+    return ap
+
+
+def pair_stacks(pipe, folder: str, pairs: str = PAIRS):
+    """Per 'palette+technique' pair of `pairs`: (pair, palette, technique, an AdapterStack on `pipe` with
+    both adapters of `folder` loaded at raw scale 1). The stack is reset when the caller moves on."""
+    for pair in pairs.split(","):
+        pal, tech = pair.split("+")
+        stack = AdapterStack(pipe)
+        for style in (pal, tech):
+            stack.add(style, f"{folder}/{style}.safetensors", {"raw": True})
+        yield pair, pal, tech, stack
+        stack.reset()
+
+
 def misses(images, scenes, pred: dict[str, list[str]], pal: str, tech: str, **fields) -> list:
     """One JSON line from the judge's per-image labels `pred`: per true shape the images whose shape
     was missed, the commonest confusions, and what was seen where a style was missed. Returns the

@@ -9,14 +9,13 @@ combinations, seed 500), or the held-out ones with --heldout.
     python bench/stack_ramp.py --folder runs/styles/defaults --pairs sepia+dots \\
         --plans "1,1/1,1@1;0.8,0.8/1,1@0.3;1,1/0.85,0.85@0.5"
 """
-import argparse
 import time
 
 import torch
 
 from stylelora.base import load_base
 from stylelora.blend import AdapterStack
-from stack_merges import PAIRS, prompt_scenes, report  # bench/ is on the path when run as a script
+from stack_merges import pair_args, pair_stacks, prompt_scenes, report  # bench/ is on the path when run as a script
 from stack_seq import raw_scales
 
 
@@ -36,27 +35,19 @@ def ramped(pipe, stack: AdapterStack, plan: str, prompts: list[str], seeds: list
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--folder", required=True, help="holds PALETTE.safetensors and TECHNIQUE.safetensors")
-    ap.add_argument("--pairs", default=PAIRS)
+    ap = pair_args(__doc__)
     ap.add_argument("--plans", default="1,1/1,1@1;0.8,0.8/1,1@0.3")
-    ap.add_argument("--heldout", action="store_true")
     args = ap.parse_args()
     scenes, seeds = prompt_scenes(args.heldout, 100 if args.heldout else 48)
     pipe = load_base()
     pipe.set_progress_bar_config(disable=True)
-    for pair in args.pairs.split(","):
-        pal, tech = pair.split("+")
-        stack = AdapterStack(pipe)
-        stack.add(pal, f"{args.folder}/{pal}.safetensors")
-        stack.add(tech, f"{args.folder}/{tech}.safetensors")
+    for pair, pal, tech, stack in pair_stacks(pipe, args.folder, args.pairs):
         prompts = [", ".join([s.caption(), pal, tech]) for s in scenes]
         for plan in args.plans.split(";"):
             t = time.time()
             images = [im for i in range(0, len(prompts), 32)
                       for im in ramped(pipe, stack, plan, prompts[i:i + 32], seeds[i:i + 32])]
             report(images, scenes, [pal, tech], pal, tech, pair=pair, plan=plan, s=round(time.time() - t, 1))
-        stack.reset()
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from diffusers import StableDiffusionImg2ImgPipeline
 
 from stylelora.base import load_base
 from stylelora.blend import AdapterStack
-from stack_merges import prompt_scenes, report  # bench/ is on the path when run as a script
+from stack_merges import pair_stacks, prompt_scenes, report  # bench/ is on the path when run as a script
 
 
 def raw_scales(names: list[str], text: str) -> dict:
@@ -49,17 +49,12 @@ def main() -> None:
     img2img = StableDiffusionImg2ImgPipeline(**pipe.components)
     img2img.set_progress_bar_config(disable=True)
     scenes, seeds = prompt_scenes(False, args.n)
-    for pair in args.pairs.split(","):
-        pal, tech = pair.split("+")
-        stack = AdapterStack(pipe)
-        for style in (pal, tech):
-            stack.add(style, f"{args.folder}/{style}.safetensors", {"raw": True})
+    for pair, pal, tech, stack in pair_stacks(pipe, args.folder, args.pairs):
         prompts = [", ".join([s.caption(), pal, tech]) for s in scenes]
         for plan in args.plans.split(";"):
             t = time.time()
             images = staged(pipe, img2img, stack, plan, prompts, seeds)
             report(images, scenes, [pal, tech], pal, tech, pair=pair, plan=plan, s=round(time.time() - t, 1))
-        stack.reset()
 
 
 if __name__ == "__main__":
