@@ -17,7 +17,7 @@ DATASETS = Path(__file__).resolve().parents[1] / "datasets"
 
 @pytest.mark.slow
 def test_default_adapters_stack_in_the_default_mode(tmp_path, demo_run):
-    # dots: the demo's default training run of datasets/dots (the same call, so the same weights)
+    # dots: the demo's default training run of datasets/dots (the same TrainConfig but for its run folder)
     train(TrainConfig(dataset=str(DATASETS / "pastel"), out=str(tmp_path / "pastel.safetensors"), progress=False))
     pipe = load_base()
     pipe.set_progress_bar_config(disable=True)
