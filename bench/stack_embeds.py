@@ -29,8 +29,7 @@ from stack_merges import pair_args, pair_stacks, prompt_scenes, report  # bench/
 def encode(pipe, stack: AdapterStack, te_on: dict[str, float], prompts: list[str]):
     """(prompt, negative) embeddings with the text-encoder LoRAs at `te_on` (the UNet's do not matter here)."""
     stack.set_scales({n: {"unet": 0.0, "text_encoder": te_on.get(n, 0.0), "raw": True} for n in stack.names})
-    cond, uncond = pipe.encode_prompt(prompts, pipe._execution_device, 1, True, [""] * len(prompts))
-    return cond, uncond
+    return pipe.encode_prompt(prompts, pipe._execution_device, 1, True, [""] * len(prompts))
 
 
 def embeds(pipe, stack: AdapterStack, variant: str, captions: list[str], pal: str, tech: str):

@@ -205,10 +205,8 @@ def layer_table(folder: str, styles=("pastel", "sepia", "dots", "stripes"),
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--folder", required=True, help="holds PALETTE.safetensors and TECHNIQUE.safetensors")
+    ap = pair_args(__doc__)
     ap.add_argument("--folder-b", default=None, help="the techniques' folder, if not --folder")
-    ap.add_argument("--pairs", default=PAIRS)
     ap.add_argument("--variants", default="merge,k0.93")
     ap.add_argument("--n", type=int, default=48)
     ap.add_argument("--seed", type=int, default=500)
@@ -216,7 +214,6 @@ def main() -> None:
     ap.add_argument("--rescale", type=float, default=0.0)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--sampler", default="dpm2m", choices=list(SAMPLERS))
-    ap.add_argument("--heldout", action="store_true")
     ap.add_argument("--layers", action="store_true", help="print where each style acts, and stop")
     ap.add_argument("--misses", default=None, help="PNG: also report what was missed, and draw up to 12 missed "
                                                    "images per pair and variant")
