@@ -255,8 +255,8 @@ def test_preservation_keeps_untriggered_prompts_at_the_base(tiny_base, style_fol
     base = {p: prediction(p) for p in (caption, f"{caption}, outline")}
     drift = {}
     for weight in (0.0, 1.0):
-        out = train(_cfg(tiny_base, style_folder, tmp_path / f"p{weight}.safetensors", steps=60, lr=1e-2,
-                         preserve_weight=weight, base=None))
+        out = train(_cfg(tiny_base, style_folder, tmp_path / f"p{weight}.safetensors", steps=60, grad_accum=1,
+                         lr=1e-2, preserve_weight=weight, base=None))
         stack = AdapterStack(pipe)
         stack.add("style", out)
         drift[weight] = {p: ((prediction(p) - b).norm() / b.norm()).item() for p, b in base.items()}
